@@ -1,0 +1,65 @@
+"""`python -m inference [serve] [--host H] [--port P]` serves; `python -m inference pull` fetches the default model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, Settings
+from .models import ModelUnavailable, pull
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=("serve", "pull"), default="serve")
+    parser.add_argument("--host", help="listen address (env HOST)")
+    parser.add_argument("--port", help="listen port (env PORT)")
+    parser.add_argument("--env-file", default=".env", help="optional dotenv file (default: .env)")
+    args = parser.parse_args(argv)
+
+    overrides = {k.upper(): v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings.from_env({**os.environ, **overrides}, env_file=args.env_file)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.command == "pull":
+            print(pull(settings.model_cache_dir))
+            return 0
+        return serve(settings)
+    except ModelUnavailable as exc:
+        print(f"model unavailable: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    failed = False
+    server: uvicorn.Server | None = None
+
+    def on_fatal() -> None:
+        nonlocal failed
+        failed = True
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

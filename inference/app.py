@@ -1,0 +1,68 @@
+"""build_app: the whole service assembled in one place, middleware order included."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import Settings
+from .endpoints import infer, meta
+from .engine.base import Engine
+from .http import ASGIApp, Receive, Scope, Send
+from .middleware.errors import errors
+from .router import Route, Router
+from .service import Service
+
+
+def create_engine(settings: Settings) -> Engine:
+    """The engine MODEL_BACKEND names; may download the default model (models.pull) first."""
+    from .engine.llama import LlamaEngine
+    from .models import resolve_model
+
+    path, sha256 = resolve_model(settings.model_path, settings.model_cache_dir)
+    return LlamaEngine(
+        path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, max_queued=settings.max_queued_requests,
+        sha256=sha256,
+    )
+
+
+def build_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    on_fatal: Callable[[], None] | None = None,
+) -> Application:
+    """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
+    service = Service(
+        settings, engine if engine is not None else create_engine(settings),
+        owns_engine=engine is None, on_fatal=on_fatal,
+    )
+    routes: list[Route] = []
+    routes += meta.routes(service, routes)
+    routes += infer.routes(service)
+
+    app: ASGIApp = Router(routes)
+    app = errors(app)
+    return Application(app, service)
+
+
+class Application:
+    """The ASGI entry point: handles lifespan itself (load the model without delaying start-up, close the
+    engine at shutdown) and passes everything else to the middleware stack."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.service.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.service.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

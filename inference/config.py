@@ -1,0 +1,192 @@
+"""Settings: read once from the environment and an optional .env file, then passed down frozen.
+
+Precedence: process environment > .env file > defaults. A value that cannot be used stops start-up
+with a ConfigError naming the variable and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly and factually."
+ENVIRONMENTS = ("development", "staging", "production", "test")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_BACKENDS = ("llama",)
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use; the message names the variable."""
+
+
+def default_model_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inference" / "models"
+
+
+# Parsers take the raw string and return the value or raise ValueError("what is allowed").
+
+
+def _bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("must be a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be an integer {bound}")
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in choices:
+            raise ValueError("must be one of: " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        value = raw.strip()
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.netloc or parts.path):
+            raise ValueError("must be a URL starting with " + " or ".join(f"{s}://" for s in schemes))
+        return value
+
+    return parse
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", value):
+        raise ValueError("must be a host name or IP address, e.g. 127.0.0.1 or 0.0.0.0")
+    return value
+
+
+def _existing_file(raw: str) -> Path | None:
+    value = raw.strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"must name an existing GGUF file; {path} does not exist")
+    return path
+
+
+def _directory(raw: str) -> Path:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must be a directory path")
+    return Path(value).expanduser()
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be configured with; field name = environment variable in upper case."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    environment: str = "development"
+    log_level: str = "INFO"
+    redis_url: str | None = None
+    rate_limit_enabled: bool = True
+    rate_limit_per_minute: int = 10
+    otel_enabled: bool = True
+    otel_exporter_otlp_endpoint: str | None = None
+    model_backend: str = "llama"
+    model_path: Path | None = None
+    model_cache_dir: Path = default_model_cache_dir()
+    n_ctx: int = 2048
+    n_threads: int = 0
+    max_body_bytes: int = 1024 * 1024
+    max_tokens_limit: int = 1024
+    max_queued_requests: int = 64
+    cache_ttl_seconds: int = 60
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> "Settings":
+        """Build settings from `environ` (default: os.environ) over the values in `env_file`, if it exists."""
+        environ = os.environ if environ is None else environ
+        merged: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        merged.update(environ)
+
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            if name in merged:
+                try:
+                    values[f.name] = PARSERS[f.name](merged[name])
+                except ValueError as exc:
+                    raise ConfigError(f"{name}={merged[name]!r} is invalid: {exc}") from None
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Cross-field rules that no single variable can express."""
+        if self.max_tokens_limit >= self.n_ctx:
+            raise ConfigError(
+                f"MAX_TOKENS_LIMIT={self.max_tokens_limit} is invalid: must be smaller than N_CTX={self.n_ctx}"
+            )
+
+    def replace(self, **changes: Any) -> "Settings":
+        settings = replace(self, **changes)
+        settings.check()
+        return settings
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "host": _host,
+    "port": _int(1, 65535),
+    "environment": _choice(ENVIRONMENTS),
+    "log_level": _choice(LOG_LEVELS, upper=True),
+    "redis_url": _url(("redis", "rediss", "unix")),
+    "rate_limit_enabled": _bool,
+    "rate_limit_per_minute": _int(1),
+    "otel_enabled": _bool,
+    "otel_exporter_otlp_endpoint": _url(("http", "https")),
+    "model_backend": _choice(MODEL_BACKENDS),
+    "model_path": _existing_file,
+    "model_cache_dir": _directory,
+    "n_ctx": _int(64, 1 << 20),
+    "n_threads": _int(0, 1024),
+    "max_body_bytes": _int(1024),
+    "max_tokens_limit": _int(1),
+    "max_queued_requests": _int(1),
+    "cache_ttl_seconds": _int(1),
+    "system_prompt": _text,
+}

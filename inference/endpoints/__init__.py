@@ -1,0 +1,1 @@
+"""HTTP handlers, grouped by API surface; each module exposes `routes(...) -> list[Route]`."""

@@ -1,0 +1,97 @@
+"""The service's own endpoints: index, liveness, readiness, model card, OpenAPI document and Swagger UI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+
+from .. import SERVICE_NAME, __version__
+from ..errors import HTTPError
+from ..openapi import openapi_document
+from ..http import Request, Response, dump_json, json_response
+from ..router import Route
+from ..schemas import HealthResponse, ModelResponse, ReadyResponse, ServiceResponse
+from ..service import Service
+
+HEALTHY = dump_json({"status": "healthy"})
+# Only these Swagger UI files are served; anything else under /docs/ is a 404.
+DOCS_ASSETS = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"><link rel="icon" href="/docs/favicon-32x32.png"></head>
+<body><div id="swagger-ui"></div><script src="/docs/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script></body></html>
+"""
+
+
+@cache
+def _asset(name: str) -> bytes:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(swagger_ui_path, name).read_bytes()
+
+
+def routes(service: Service, documented: list[Route]) -> list[Route]:
+    """`documented` is the app's full route list, read when /openapi.json is first asked for."""
+    settings = service.settings
+    docs_page = DOCS_PAGE.format(title=SERVICE_NAME).encode()
+
+    async def index(request: Request) -> Response:
+        model = service.engine.info.name if service.engine.loaded else None
+        return json_response(asdict(ServiceResponse(
+            name=SERVICE_NAME, version=__version__, environment=settings.environment, model=model,
+            links={"docs": "/docs", "openapi": "/openapi.json", "health": "/health", "ready": "/ready",
+                   "model": "/api/v1/model", "infer": "/api/v1/infer"},
+        )))
+
+    async def health(request: Request) -> Response:
+        return Response(HEALTHY)
+
+    async def ready(request: Request) -> Response:
+        if service.ready:
+            return json_response({"status": "ready"})
+        body = asdict(ReadyResponse(status=service.state, reason=service.reason))
+        return json_response(body, status=503, headers={"Retry-After": "5"})
+
+    async def model(request: Request) -> Response:
+        if not service.engine.loaded:
+            raise HTTPError(503, "model_not_ready", service.reason or "the model is not loaded",
+                            headers={"Retry-After": "5"})
+        info = service.engine.info
+        return json_response(asdict(ModelResponse(
+            model_name=info.name, model_version=info.revision, status="ready" if service.ready else service.state,
+            description=info.description, backend=info.backend, context_length=info.context_length,
+            quantization=info.quantization, parameters=info.parameters, sha256=info.sha256, details=info.extra,
+        )))
+
+    @cache
+    def openapi_body() -> bytes:
+        return dump_json(openapi_document(documented))
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi_body())
+
+    async def docs(request: Request) -> Response:
+        return Response(docs_page, media_type="text/html; charset=utf-8")
+
+    async def docs_asset(request: Request) -> Response:
+        name = request.path_params["asset"]
+        if name not in DOCS_ASSETS:
+            raise HTTPError(404, "not_found", f"no endpoint at {request.path}")
+        return Response(_asset(name), media_type=DOCS_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
+
+    return [
+        Route("GET", "/", index, summary="Service name, version and links", response_schema=ServiceResponse),
+        Route("GET", "/health", health, summary="Liveness: the process answers", response_schema=HealthResponse),
+        Route("GET", "/ready", ready, summary="Readiness: the model is loaded and work is accepted",
+              response_schema=ReadyResponse, errors=(503,)),
+        Route("GET", "/api/v1/model", model, summary="The served model", response_schema=ModelResponse, errors=(503,)),
+        Route("GET", "/openapi.json", openapi_json, summary="This document"),
+        Route("GET", "/docs", docs, summary="Swagger UI", media_type="text/html"),
+        Route("GET", "/docs/{asset}", docs_asset, include_in_schema=False),
+    ]

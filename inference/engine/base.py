@@ -1,0 +1,115 @@
+"""The Engine protocol: what the HTTP layer needs from anything that generates text.
+
+An engine turns a GenerationRequest into a Generation: an async iterator of text pieces, produced as the
+model emits tokens, whose `finish_reason` and token counts are known once it is exhausted. Closing a
+Generation early (client gone) cancels the work behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Either `messages` (rendered with the model's chat template) or a raw `prompt`, never both."""
+
+    params: SamplingParams
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    revision: str
+    backend: str
+    description: str = ""
+    context_length: int | None = None
+    quantization: str | None = None
+    parameters: int | None = None
+    path: str | None = None
+    sha256: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """Base class of the errors an engine reports to the HTTP layer."""
+
+
+class ContextLengthExceeded(EngineError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, but the model's context holds "
+            f"{n_ctx} tokens; shorten the prompt or lower max_tokens"
+        )
+        self.prompt_tokens, self.max_tokens, self.n_ctx = prompt_tokens, max_tokens, n_ctx
+
+
+class InvalidPrompt(EngineError):
+    """The request cannot be turned into a prompt (e.g. the chat template rejects the messages)."""
+
+
+class EngineOverloaded(EngineError):
+    """Too many requests are already waiting; the caller should retry later."""
+
+    def __init__(self, waiting: int, retry_after: int = 1) -> None:
+        super().__init__(f"{waiting} requests are already waiting for the model; retry shortly")
+        self.retry_after = retry_after
+
+
+class EngineNotReady(EngineError):
+    """The model is not loaded (yet, or any more)."""
+
+
+class Generation(Protocol):
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def cancel(self) -> None:
+        """Ask the engine to stop; iteration then ends soon with finish_reason None."""
+
+    async def aclose(self) -> None:
+        """Cancel if still running and stop iterating at once."""
+
+
+class Engine(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def load(self) -> None:
+        """Load the model; blocking, called once from a worker thread at start-up."""
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """Validate and queue `request`; raises EngineError subclasses before any token is produced."""
+
+    def close(self) -> None:
+        """Stop accepting work, cancel what is queued and release the model."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted but not yet generating."""

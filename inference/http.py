@@ -1,0 +1,181 @@
+"""Request (a lazy view over the ASGI scope) and responses: JSON, bytes, server-sent events."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+
+from .errors import HTTPError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HEADER_CONTENT_TYPE = "content-type"
+HEADER_CONTENT_LENGTH = "content-length"
+HEADER_REQUEST_ID = "x-request-id"
+HEADER_RETRY_AFTER = "retry-after"
+JSON_TYPE = "application/json"
+MAX_JSON_DEPTH = 32
+
+
+class Request:
+    """The parts of an ASGI HTTP request the handlers need, decoded on first use."""
+
+    __slots__ = ("scope", "receive", "_headers")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    @property
+    def path(self) -> str:
+        return self.scope["path"]
+
+    @property
+    def path_params(self) -> dict[str, str]:
+        return self.scope.get("path_params", {})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            # Repeated headers are joined as RFC 9110 allows; names are lower-case bytes in ASGI.
+            headers: dict[str, str] = {}
+            for name, value in self.scope["headers"]:
+                key, val = name.decode("latin-1"), value.decode("latin-1")
+                headers[key] = f"{headers[key]},{val}" if key in headers else val
+            self._headers = headers
+        return self._headers
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The whole body, or HTTPError(413) as soon as it is known to exceed `max_bytes`."""
+        declared = self.headers.get(HEADER_CONTENT_LENGTH)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise _too_large(max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def json(self, max_bytes: int) -> Any:
+        """The body parsed as JSON; HTTPError(400) when it is not JSON or is nested absurdly deep."""
+        return parse_json(await self.body(max_bytes))
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the request was complete; nothing can be sent back."""
+
+
+def _too_large(max_bytes: int) -> HTTPError:
+    return HTTPError(413, "request_too_large", f"request body exceeds the limit of {max_bytes} bytes")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise HTTPError(400, "invalid_json", "request body is empty; expected a JSON object")
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise HTTPError(400, "invalid_json", "JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise HTTPError(400, "invalid_json", f"JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dump_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode()
+
+
+class Response:
+    """A complete response whose body is known up front."""
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str = JSON_TYPE,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = {HEADER_CONTENT_TYPE: media_type, HEADER_CONTENT_LENGTH: str(len(body))}
+        if headers:
+            self.headers.update({k.lower(): v for k, v in headers.items()})
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers()})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dump_json(value), status=status, headers=headers)
+
+
+def error_response(error: HTTPError, request_id: str | None = None) -> Response:
+    body = error.body()
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+    return json_response(body, status=error.status, headers=error.headers)
+
+
+class StreamingResponse(Response):
+    """A response whose body chunks come from an async iterator, each sent as soon as it is produced."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str = "text/event-stream",
+    ) -> None:
+        super().__init__(b"", status, headers, media_type)
+        del self.headers[HEADER_CONTENT_LENGTH]
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers()})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})

@@ -1,0 +1,60 @@
+"""Outermost middleware: gives every request an id and turns every failure into a JSON error body."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from ..errors import HTTPError
+from ..http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, error_response
+
+log = logging.getLogger("inference.errors")
+
+REQUEST_ID_BYTES = HEADER_REQUEST_ID.encode()
+# An incoming id is echoed only if it cannot smuggle anything into logs or headers.
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_of(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_BYTES and SANE_REQUEST_ID.fullmatch(value):
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+def errors(app: ASGIApp) -> ASGIApp:
+    """Render HTTPError as its JSON body, any other exception as a logged 500; add X-Request-ID everywhere."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        scope["request_id"] = request_id
+        header = (REQUEST_ID_BYTES, request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_id)
+        except ClientDisconnected:
+            return
+        except HTTPError as exc:
+            if started:
+                log.warning("error after the response started (request %s): %s", request_id, exc)
+                return
+            await error_response(exc, request_id)(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error (request %s, %s %s)", request_id, scope["method"], scope["path"])
+            if not started:
+                error = HTTPError(500, "internal_error", "the server failed to handle the request; it has been logged")
+                await error_response(error, request_id)(scope, receive, send_with_id)
+
+    return asgi

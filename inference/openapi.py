@@ -1,0 +1,69 @@
+"""The OpenAPI 3.0 document, built once from the routes and the dataclasses that validate them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import SERVICE_NAME, __version__
+from .router import PARAM, Route
+from .schemas import ErrorResponse
+from .validation import json_schema
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON or a request the model cannot serve",
+    401: "Missing or wrong API key",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "A field is missing or invalid; `error.details` lists every one",
+    429: "Rate limited; see Retry-After",
+    500: "Internal error; `error.request_id` identifies it in the logs",
+    502: "The upstream failed",
+    503: "Not ready or overloaded; see Retry-After",
+    504: "The upstream timed out",
+}
+
+
+def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    error_ref = json_schema(ErrorResponse, components)
+    paths: dict[str, Any] = {}
+    for route in routes:
+        if not route.include_in_schema:
+            continue
+        operation: dict[str, Any] = {"summary": route.summary, "operationId": _operation_id(route)}
+        params = [
+            {"name": m[1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for m in PARAM.finditer(route.template)
+        ]
+        if params:
+            operation["parameters"] = params
+        if route.request_schema is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": json_schema(route.request_schema, components, route.overrides)}},
+            }
+        ok: dict[str, Any] = {"description": "OK"}
+        if route.response_schema is not None:
+            ok["content"] = {route.media_type: {"schema": json_schema(route.response_schema, components)}}
+        elif route.media_type != "application/json":
+            ok["content"] = {route.media_type: {"schema": {"type": "string"}}}
+        responses: dict[str, Any] = {"200": ok}
+        for status in route.errors:
+            responses[str(status)] = {
+                "description": ERROR_DESCRIPTIONS[status],
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        operation["responses"] = responses
+        paths.setdefault(route.template.replace(":path}", "}"), {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": title, "version": __version__},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def _operation_id(route: Route) -> str:
+    return route.handler.__name__

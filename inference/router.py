@@ -1,0 +1,87 @@
+"""A tiny router: method + path template -> handler. Templates are compiled once, at build time."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping
+
+from .errors import HTTPError
+from .http import Receive, Request, Response, Scope, Send
+
+Handler = Callable[[Request], Awaitable[Response]]
+PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:path)?}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint. `template` uses `{name}` (one segment) or `{name:path}` (the rest of the path)."""
+
+    method: str
+    template: str
+    handler: Handler
+    summary: str = ""
+    request_schema: type | None = None
+    response_schema: type | None = None
+    errors: tuple[int, ...] = ()
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    media_type: str = "application/json"
+    include_in_schema: bool = True
+
+
+def compile_template(template: str) -> re.Pattern[str]:
+    pattern, last = "", 0
+    for match in PARAM.finditer(template):
+        pattern += re.escape(template[last : match.start()])
+        pattern += f"(?P<{match[1]}>.+)" if match[2] else f"(?P<{match[1]}>[^/]+)"
+        last = match.end()
+    return re.compile(pattern + re.escape(template[last:]) + r"\Z")
+
+
+class Router:
+    """An ASGI app that dispatches to the first route whose template matches; 404 and 405 otherwise."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+        # Static templates resolve with one dict lookup; only templated ones need a regex scan.
+        self._static: dict[str, dict[str, Route]] = {}
+        self._dynamic: list[tuple[re.Pattern[str], dict[str, Route]]] = []
+        by_template: dict[str, dict[str, Route]] = {}
+        for route in routes:
+            methods = by_template.setdefault(route.template, {})
+            methods[route.method] = route
+            if route.method == "GET":
+                methods.setdefault("HEAD", route)
+        for template, methods in by_template.items():
+            if PARAM.search(template):
+                self._dynamic.append((compile_template(template), methods))
+            else:
+                self._static[template] = methods
+
+    def match(self, path: str) -> tuple[dict[str, Route], dict[str, str]] | None:
+        methods = self._static.get(path)
+        if methods is not None:
+            return methods, {}
+        for pattern, methods in self._dynamic:
+            found = pattern.match(path)
+            if found:
+                return methods, found.groupdict()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.match(scope["path"])
+        if found is None:
+            raise HTTPError(404, "not_found", f"no endpoint at {scope['path']}")
+        methods, params = found
+        route = methods.get(scope["method"])
+        if route is None:
+            allow = ", ".join(sorted(methods))
+            raise HTTPError(
+                405, "method_not_allowed", f"{scope['method']} is not allowed here; allowed: {allow}",
+                headers={"Allow": allow},
+            )
+        # Telemetry labels spans and metrics with the template, never the raw path.
+        scope["route"] = route.template
+        scope["path_params"] = params
+        response = await route.handler(Request(scope, receive))
+        await response(scope, receive, send)

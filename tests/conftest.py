@@ -1,0 +1,155 @@
+"""Shared fixtures: the real default model (loaded once), a real server process, ASGI helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from inference.config import Settings
+from inference.engine.llama import LlamaEngine
+from inference.models import resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_settings(**changes: Any) -> Settings:
+    return Settings.from_env({"ENVIRONMENT": "test"}, env_file=None).replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def model_file() -> tuple[Path, str | None]:
+    """The default GGUF model, fetched into the user's cache on first use like the service does."""
+    return resolve_model(None, base_settings().model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def engine(model_file: tuple[Path, str | None]) -> Iterator[LlamaEngine]:
+    path, sha256 = model_file
+    engine = LlamaEngine(path, n_ctx=2048, max_queued=16, sha256=sha256)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+class ServerProcess:
+    """`python -m inference` in a child process, as a user would run it."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"inference-test-{self.port}.log"
+        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "ENVIRONMENT": "test", **env}
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inference", "--env-file", "/nonexistent"],
+            cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)  # polling a child process: there is no event to await
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(model_file: tuple[Path, str | None]) -> Iterator[ServerProcess]:
+    """One real server for the end-to-end tests, serving the default model."""
+    path, _ = model_file
+    proc = ServerProcess({"MODEL_PATH": str(path), "MAX_TOKENS_LIMIT": "256", "N_CTX": "1024"})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+class ASGIResult:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = {k.decode().lower(): v.decode() for k, v in headers}
+        self.body = body
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+async def call_asgi(
+    app: Any,
+    method: str,
+    path: str,
+    body: bytes | list[bytes] = b"",
+    headers: list[tuple[str, str]] | None = None,
+) -> ASGIResult:
+    """Drive an ASGI app directly with one request; a list `body` arrives in several chunks."""
+    chunks = body if isinstance(body, list) else [body]
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
+    ]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+        "raw_path": path.encode(), "query_string": b"", "scheme": "http", "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or [])],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        import asyncio
+
+        await asyncio.Event().wait()  # no more body: like a connected client that sends nothing more
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return ASGIResult(start["status"], start["headers"], payload)

@@ -1,0 +1,128 @@
+"""End to end: `python -m inference` in a child process, real HTTP, the real default model."""
+
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import pytest
+
+
+def infer(client, **body):
+    body.setdefault("temperature", 0)
+    body.setdefault("max_tokens", 24)
+    return client.post("/api/v1/infer", json=body)
+
+
+def test_answers_what_is_two_plus_two(client):
+    response = infer(client, prompt="What is 2+2?")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "4" in body["output"]
+    assert body["finish_reason"] == "stop"
+    assert body["tokens_used"] == body["prompt_tokens"] + body["completion_tokens"]
+    assert body["completion_tokens"] > 0
+    assert "SmolLM2" in body["model_name"]
+    assert len(body["model_version"]) == 12
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"]
+
+
+def test_max_tokens_is_honoured(client):
+    body = infer(client, prompt="Write a poem about autumn.", max_tokens=5).json()
+    assert (body["completion_tokens"], body["finish_reason"]) == (5, "length")
+
+
+def test_index_health_ready_model(client):
+    index = client.get("/").json()
+    assert index["name"] == "inference" and index["environment"] == "test"
+    assert index["links"]["docs"] == "/docs"
+    assert client.get("/health").json() == {"status": "healthy"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    model = client.get("/api/v1/model").json()
+    assert model["status"] == "ready"
+    assert model["quantization"] == "Q4_1"
+    assert model["context_length"] == 1024
+    assert model["backend"] == "llama.cpp"
+    assert model["model_version"] == model["sha256"][:12]
+    assert model["description"]
+
+
+def test_docs_render_from_local_assets(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'src="/docs/swagger-ui-bundle.js"' in page.text
+    assert "http" not in page.text.replace("/openapi.json", "")  # no CDN
+    bundle = client.get("/docs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+    assert client.get("/docs/../../etc/passwd").status_code == 404
+    assert client.get("/docs/index.html").status_code == 404
+    spec = client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.0")
+    assert spec["components"]["schemas"]["InferRequest"]["properties"]["max_tokens"]["maximum"] == 256
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nope", 404), ("DELETE", "/api/v1/infer", 405), ("GET", "/api/v1/infer", 405),
+])
+def test_routing_errors_are_json(client, method, path, status):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] in ("not_found", "method_not_allowed")
+    if status == 405:
+        assert response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("content, status, code", [
+    (b"{", 400, "invalid_json"),
+    (b'{"prompt": ""}', 422, "validation_error"),
+    (b'{"prompt": "hi", "max_tokens": 100000}', 422, "validation_error"),
+    (b'{"prompt": "hi", "temperature": -1}', 422, "validation_error"),
+    (b"x" * (1024 * 1024 + 1), 413, "request_too_large"),
+])
+def test_bad_input_gets_its_4xx(client, content, status, code):
+    response = client.post("/api/v1/infer", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_prompt_longer_than_the_context_is_a_clear_400(client):
+    response = infer(client, prompt="hello " * 1100, max_tokens=10)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["field"] == "prompt"
+    assert "1024" in error["message"]
+
+
+def test_eight_simultaneous_requests_all_succeed(server):
+    prompts = [f"What is {i}+{i}?" for i in range(8)]
+
+    def one(prompt):
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            return infer(c, prompt=prompt, max_tokens=16)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, prompts))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.json()["output"] for r in responses)
+
+
+def test_health_answers_promptly_during_a_long_generation(server, client):
+    done = threading.Event()
+
+    def long_generation():
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            infer(c, prompt="Write a long story about a lighthouse keeper.", max_tokens=200, temperature=0.8)
+        done.set()
+
+    worker = threading.Thread(target=long_generation)
+    worker.start()
+    answered = 0
+    try:
+        while not done.is_set():
+            assert client.get("/health").status_code == 200
+            answered += 1
+    finally:
+        worker.join()
+    # With generation blocking the event loop, health could only answer before and after it: a handful at most.
+    assert answered >= 50, answered
