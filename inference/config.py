@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly and factually."
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Give short, factual answers."
 ENVIRONMENTS = ("development", "staging", "production", "test")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_BACKENDS = ("llama",)

