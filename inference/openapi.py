@@ -42,7 +42,9 @@ def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[
         if route.request_schema is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": json_schema(route.request_schema, components, route.overrides)}},
+                "content": {"application/json": {"schema": json_schema(
+                    route.request_schema, components, route.overrides, closed=not route.allow_unknown_fields
+                )}},
             }
         ok: dict[str, Any] = {"description": "OK"}
         if route.response_schema is not None:

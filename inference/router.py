@@ -25,6 +25,7 @@ class Route:
     response_schema: type | None = None
     errors: tuple[int, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    allow_unknown_fields: bool = False
     media_type: str = "application/json"
     include_in_schema: bool = True
 

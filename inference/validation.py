@@ -217,8 +217,11 @@ def _num(x: float) -> str:
 # --- OpenAPI 3.0 schemas ---------------------------------------------------------------------------
 
 
-def json_schema(cls: type, components: dict[str, Any], overrides: Overrides = {}) -> dict[str, Any]:
-    """Register `cls` (and the dataclasses it uses) in `components`; return a $ref to it."""
+def json_schema(
+    cls: type, components: dict[str, Any], overrides: Overrides = {}, *, closed: bool = False
+) -> dict[str, Any]:
+    """Register `cls` (and the dataclasses it uses) in `components`; return a $ref to it.
+    `closed` documents that unknown fields are rejected (from_json without allow_unknown)."""
     name = cls.__name__
     if name not in components:
         components[name] = {}  # placeholder first: schemas may refer to themselves
@@ -233,7 +236,9 @@ def json_schema(cls: type, components: dict[str, Any], overrides: Overrides = {}
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.append(f.name)
             properties[f.name] = schema
-        doc = {"type": "object", "properties": properties}
+        doc: dict[str, Any] = {"type": "object", "properties": properties}
+        if closed:
+            doc["additionalProperties"] = False
         if required:
             doc["required"] = required
         if cls.__doc__ and not cls.__doc__.startswith(f"{name}("):
@@ -288,6 +293,10 @@ def _rule_schema(rule: Spec, schema: dict[str, Any]) -> dict[str, Any]:
                 target["minItems"] = rule.min_items
             if rule.max_items is not None:
                 target["maxItems"] = rule.max_items
+            if rule.min_length is not None and member["items"].get("type") == "string":
+                member["items"]["minLength"] = rule.min_length
+        elif member is not schema and member.get("type") == "string" and rule.min_length is not None:
+            member["minLength"] = rule.min_length
     if schema.get("type") == "string":
         if rule.min_length is not None:
             out["minLength"] = rule.min_length
