@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import Settings
-from .endpoints import infer, meta
+from .endpoints import infer, meta, openai_api
 from .engine.base import Engine
 from .http import ASGIApp, Receive, Scope, Send
 from .middleware.errors import errors
@@ -15,6 +15,14 @@ from .service import Service
 
 def create_engine(settings: Settings) -> Engine:
     """The engine MODEL_BACKEND names; may download the default model (models.pull) first."""
+    if settings.model_backend == "openai":
+        from .engine.upstream import UpstreamEngine
+
+        assert settings.upstream_url is not None  # Settings.check guarantees it
+        return UpstreamEngine(
+            settings.upstream_url, api_key=settings.upstream_api_key, model=settings.upstream_model,
+            timeout=settings.upstream_timeout_seconds,
+        )
     from .engine.llama import LlamaEngine
     from .models import resolve_model
 
@@ -39,6 +47,7 @@ def build_app(
     routes: list[Route] = []
     routes += meta.routes(service, routes)
     routes += infer.routes(service)
+    routes += openai_api.routes(service)
 
     app: ASGIApp = Router(routes)
     app = errors(app)

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Give short, factual answers."
 ENVIRONMENTS = ("development", "staging", "production", "test")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODEL_BACKENDS = ("llama",)
+MODEL_BACKENDS = ("llama", "openai")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -111,6 +111,10 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be configured with; field name = environment variable in upper case."""
@@ -125,6 +129,11 @@ class Settings:
     otel_enabled: bool = True
     otel_exporter_otlp_endpoint: str | None = None
     model_backend: str = "llama"
+    served_model_name: str | None = None
+    upstream_url: str | None = None
+    upstream_api_key: str | None = None
+    upstream_model: str | None = None
+    upstream_timeout_seconds: int = 60
     model_path: Path | None = None
     model_cache_dir: Path = default_model_cache_dir()
     n_ctx: int = 2048
@@ -158,7 +167,9 @@ class Settings:
 
     def check(self) -> None:
         """Cross-field rules that no single variable can express."""
-        if self.max_tokens_limit >= self.n_ctx:
+        if self.model_backend == "openai" and self.upstream_url is None:
+            raise ConfigError("MODEL_BACKEND=openai needs UPSTREAM_URL (the base URL of an OpenAI-compatible server)")
+        if self.model_backend == "llama" and self.max_tokens_limit >= self.n_ctx:
             raise ConfigError(
                 f"MAX_TOKENS_LIMIT={self.max_tokens_limit} is invalid: must be smaller than N_CTX={self.n_ctx}"
             )
@@ -180,6 +191,11 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "otel_enabled": _bool,
     "otel_exporter_otlp_endpoint": _url(("http", "https")),
     "model_backend": _choice(MODEL_BACKENDS),
+    "served_model_name": _optional_text,
+    "upstream_url": _url(("http", "https")),
+    "upstream_api_key": _optional_text,
+    "upstream_model": _optional_text,
+    "upstream_timeout_seconds": _int(1, 3600),
     "model_path": _existing_file,
     "model_cache_dir": _directory,
     "n_ctx": _int(64, 1 << 20),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
@@ -153,7 +154,10 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
     return Response(dump_json(value), status=status, headers=headers)
 
 
-def error_response(error: HTTPError, request_id: str | None = None) -> Response:
+def error_response(error: HTTPError, request_id: str | None = None, *, openai: bool = False) -> Response:
+    """The JSON error response: the native shape, or OpenAI's for the /v1 API."""
+    if openai:
+        return json_response(error.openai_body(), status=error.openai_status, headers=error.headers)
     body = error.body()
     if request_id is not None:
         body["error"]["request_id"] = request_id
@@ -161,7 +165,11 @@ def error_response(error: HTTPError, request_id: str | None = None) -> Response:
 
 
 class StreamingResponse(Response):
-    """A response whose body chunks come from an async iterator, each sent as soon as it is produced."""
+    """A response whose body chunks come from an async iterator, each sent as soon as it is produced.
+
+    While it streams, a watcher waits for the client to disconnect (uvicorn then silently drops what is
+    sent); `on_disconnect` is called at once so the producer can stop, and streaming ends.
+    """
 
     def __init__(
         self,
@@ -169,13 +177,45 @@ class StreamingResponse(Response):
         status: int = 200,
         headers: dict[str, str] | None = None,
         media_type: str = "text/event-stream",
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(b"", status, headers, media_type)
         del self.headers[HEADER_CONTENT_LENGTH]
         self.chunks = chunks
+        self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers()})
-        async for chunk in self.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if self.on_disconnect is not None:
+                self.on_disconnect()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers()})
+            async for chunk in self.chunks:
+                if gone.is_set():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if gone.is_set():
+            raise ClientDisconnected()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event carrying `data` as compact JSON."""
+    payload = b"data: " + dump_json(data) + b"\n\n"
+    return b"event: " + event.encode() + b"\n" + payload if event else payload

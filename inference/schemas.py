@@ -23,6 +23,11 @@ class InferRequest:
         metadata=spec(min_length=1, max_items=4, description="Up to 4 sequences that end generation; not returned."),
     )
     seed: int | None = field(default=None, metadata=spec(description="Makes sampling repeatable."))
+    stream: bool = field(
+        default=False,
+        metadata=spec(description="Answer with server-sent events: `token` {text}, then `done` (the response "
+                                  "object) or `error` {error}."),
+    )
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -10,11 +10,13 @@ from .config import Settings
 from .engine.base import (
     ContextLengthExceeded,
     Engine,
+    EngineError,
     EngineNotReady,
     EngineOverloaded,
     Generation,
     GenerationRequest,
     InvalidPrompt,
+    UpstreamError,
 )
 from .errors import HTTPError
 from .http import Receive
@@ -70,7 +72,7 @@ class Service:
         if self._load_task is not None and not self._load_task.done():
             await asyncio.wait({self._load_task}, timeout=30)
         if self.owns_engine:
-            await asyncio.to_thread(self.engine.close)
+            await self.engine.close()
 
     @property
     def ready(self) -> bool:
@@ -85,14 +87,24 @@ class Service:
                             headers={"Retry-After": NOT_READY_RETRY_AFTER})
         try:
             return await self.engine.generate(request)
-        except ContextLengthExceeded as exc:
-            raise HTTPError(400, "context_length_exceeded", str(exc), field="prompt") from None
-        except InvalidPrompt as exc:
-            raise HTTPError(400, "invalid_prompt", str(exc), field="messages") from None
-        except EngineOverloaded as exc:
-            raise HTTPError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-        except EngineNotReady as exc:
-            raise HTTPError(503, "model_not_ready", str(exc), headers={"Retry-After": NOT_READY_RETRY_AFTER}) from None
+        except EngineError as exc:
+            raise engine_http_error(exc) from None
+
+
+def engine_http_error(exc: EngineError) -> HTTPError:
+    """The HTTP answer to an engine's refusal or failure."""
+    if isinstance(exc, ContextLengthExceeded):
+        return HTTPError(400, "context_length_exceeded", str(exc), field="prompt")
+    if isinstance(exc, InvalidPrompt):
+        return HTTPError(400, "invalid_prompt", str(exc), field="messages")
+    if isinstance(exc, EngineOverloaded):
+        return HTTPError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineNotReady):
+        return HTTPError(503, "model_not_ready", str(exc), headers={"Retry-After": NOT_READY_RETRY_AFTER})
+    if isinstance(exc, UpstreamError):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+        return HTTPError(exc.status, exc.code, str(exc), field=exc.field, headers=headers)
+    return HTTPError(500, "engine_error", str(exc))
 
 
 async def complete(generation: Generation, receive: Receive) -> str | None:
@@ -100,8 +112,8 @@ async def complete(generation: Generation, receive: Receive) -> str | None:
     watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, generation))
     try:
         pieces = [piece async for piece in generation]
-    except EngineNotReady as exc:
-        raise HTTPError(503, "model_not_ready", str(exc), headers={"Retry-After": NOT_READY_RETRY_AFTER}) from None
+    except EngineError as exc:
+        raise engine_http_error(exc) from None
     finally:
         watcher.cancel()
         await generation.aclose()

@@ -42,7 +42,7 @@ def engine(model_file: tuple[Path, str | None]) -> Iterator[LlamaEngine]:
     engine = LlamaEngine(path, n_ctx=2048, max_queued=16, sha256=sha256)
     engine.load()
     yield engine
-    engine.close()
+    engine.shutdown()
 
 
 class ServerProcess:

@@ -1,20 +1,48 @@
-"""POST /api/v1/infer: the native API, one prompt in, one answer out."""
+"""POST /api/v1/infer: the native API, one prompt in, one answer out (or a stream of events)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import AsyncIterator
 
-from ..engine.base import ChatMessage, GenerationRequest, SamplingParams
-from ..http import ClientDisconnected, Request, Response, json_response
+from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
+from ..errors import HTTPError
+from ..http import ClientDisconnected, Request, Response, StreamingResponse, json_response, sse
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
-from ..service import Service, complete
+from ..service import Service, complete, engine_http_error
 from ..validation import from_json
 
 
 def routes(service: Service) -> list[Route]:
     settings = service.settings
     overrides = {"max_tokens": {"le": settings.max_tokens_limit}}
+
+    def result(generation: Generation, output: str) -> dict:
+        info = service.engine.info
+        return asdict(InferResponse(
+            output=output,
+            tokens_used=generation.prompt_tokens + generation.completion_tokens,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            finish_reason=generation.finish_reason,  # type: ignore[arg-type]
+            model_name=info.name,
+            model_version=info.revision,
+        ))
+
+    async def events(generation: Generation) -> AsyncIterator[bytes]:
+        pieces: list[str] = []
+        try:
+            async for piece in generation:
+                pieces.append(piece)
+                yield sse({"text": piece}, event="token")
+            if generation.finish_reason is not None:
+                yield sse(result(generation, "".join(pieces)), event="done")
+        except (EngineError, HTTPError) as exc:
+            error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)
+            yield sse(error.body(), event="error")
+        finally:
+            await generation.aclose()
 
     async def infer(request: Request) -> Response:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
@@ -28,28 +56,20 @@ def routes(service: Service) -> list[Route]:
                     seed=body.seed,
                 ),
                 messages=(ChatMessage("system", settings.system_prompt), ChatMessage("user", body.prompt)),
+                stream=body.stream,
             )
         )
+        if body.stream:
+            return StreamingResponse(events(generation), on_disconnect=generation.cancel)
         output = await complete(generation, request.receive)
         if output is None:
             raise ClientDisconnected()
-        info = service.engine.info
-        return json_response(
-            asdict(InferResponse(
-                output=output,
-                tokens_used=generation.prompt_tokens + generation.completion_tokens,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                finish_reason=generation.finish_reason,
-                model_name=info.name,
-                model_version=info.revision,
-            ))
-        )
+        return json_response(result(generation, output))
 
     return [
         Route(
             "POST", "/api/v1/infer", infer,
-            summary="Answer one prompt with the model",
+            summary="Answer one prompt with the model (stream: server-sent events token/done/error)",
             request_schema=InferRequest, response_schema=InferResponse,
             errors=(400, 413, 422, 503), overrides=overrides,
         ),

@@ -26,6 +26,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # True: lower max_tokens to what the context has room for, instead of refusing (OpenAI's default
+    # when a request names no max_tokens).
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class GenerationRequest:
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    # A hint: the caller wants the pieces as they come. A remote engine may fetch the whole answer at once.
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,16 @@ class EngineNotReady(EngineError):
     """The model is not loaded (yet, or any more)."""
 
 
+class UpstreamError(EngineError):
+    """A remote engine failed or refused; carries the HTTP status to answer with (502, 504, or the upstream's 4xx)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, retry_after: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.field, self.retry_after = status, code, field, retry_after
+
+
 class Generation(Protocol):
     prompt_tokens: int
     completion_tokens: int
@@ -107,7 +122,7 @@ class Engine(Protocol):
     async def generate(self, request: GenerationRequest) -> Generation:
         """Validate and queue `request`; raises EngineError subclasses before any token is produced."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop accepting work, cancel what is queued and release the model."""
 
     @property

@@ -17,7 +17,7 @@ import os
 import queue
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,11 @@ class LlamaEngine:
         self._worker.start()
         log.info("loaded %s (%s, revision %s)", self._info.name, self._info.quantization, self._info.revision)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Refuse new work, fail what is queued, stop the worker (after its current token) and free the model."""
         self._closed = True
         while True:
             try:
@@ -204,8 +208,9 @@ class LlamaEngine:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
         if self._jobs.full():
             raise EngineOverloaded(self._jobs.qsize())
-        tokens = await asyncio.to_thread(self.prepare, request)
-        job = _Job(tokens, request.params, asyncio.get_running_loop())
+        tokens, max_tokens = await asyncio.to_thread(self._prepare, request)
+        params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
+        job = _Job(tokens, params, asyncio.get_running_loop())
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -214,6 +219,9 @@ class LlamaEngine:
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """The prompt's tokens: the chat template applied to `messages`, or the raw `prompt`."""
+        return self._prepare(request)[0]
+
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         llm = self._llm
         if request.messages is not None:
             try:
@@ -223,9 +231,12 @@ class LlamaEngine:
             tokens = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
         else:
             tokens = llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
-        if len(tokens) + request.params.max_tokens > self.n_ctx:
-            raise ContextLengthExceeded(len(tokens), request.params.max_tokens, self.n_ctx)
-        return tokens
+        max_tokens = request.params.max_tokens
+        if len(tokens) + max_tokens > self.n_ctx:
+            if not request.params.fit_context or len(tokens) >= self.n_ctx:
+                raise ContextLengthExceeded(len(tokens), max_tokens, self.n_ctx)
+            max_tokens = self.n_ctx - len(tokens)
+        return tokens, max_tokens
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))

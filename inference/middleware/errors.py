@@ -12,6 +12,7 @@ from ..http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Rece
 log = logging.getLogger("inference.errors")
 
 REQUEST_ID_BYTES = HEADER_REQUEST_ID.encode()
+OPENAI_PREFIX = "/v1/"
 # An incoming id is echoed only if it cannot smuggle anything into logs or headers.
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -32,6 +33,7 @@ def errors(app: ASGIApp) -> ASGIApp:
             return
         request_id = request_id_of(scope)
         scope["request_id"] = request_id
+        openai = scope["path"].startswith(OPENAI_PREFIX)
         header = (REQUEST_ID_BYTES, request_id.encode())
         started = False
 
@@ -50,11 +52,13 @@ def errors(app: ASGIApp) -> ASGIApp:
             if started:
                 log.warning("error after the response started (request %s): %s", request_id, exc)
                 return
-            await error_response(exc, request_id)(scope, receive, send_with_id)
+            await error_response(exc, request_id, openai=openai)(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error (request %s, %s %s)", request_id, scope["method"], scope["path"])
             if not started:
-                error = HTTPError(500, "internal_error", "the server failed to handle the request; it has been logged")
-                await error_response(error, request_id)(scope, receive, send_with_id)
+                error = HTTPError(
+                    500, "internal_error", f"the server failed to handle the request; logged as request {request_id}"
+                )
+                await error_response(error, request_id, openai=openai)(scope, receive, send_with_id)
 
     return asgi

@@ -128,7 +128,7 @@ def test_queue_is_bounded(model_file):
 
         run(scenario())
     finally:
-        small.close()
+        small.shutdown()
 
 
 def test_model_info_is_read_from_the_gguf(engine, model_file):

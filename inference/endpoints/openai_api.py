@@ -1,0 +1,210 @@
+"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (streaming or not)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
+from ..errors import HTTPError
+from ..http import SSE_DONE, ClientDisconnected, Request, Response, StreamingResponse, json_response, sse
+from ..openai_schemas import (
+    ChatCompletion,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    Model,
+    ModelList,
+    SamplingFields,
+)
+from ..router import Route
+from ..service import Service, complete, engine_http_error
+from ..validation import from_json
+
+OWNED_BY = "inference"
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's
+ROLES = {"developer": "system"}
+
+
+def routes(service: Service) -> list[Route]:
+    settings = service.settings
+    limit = {"max_tokens": {"le": settings.max_tokens_limit}, "max_completion_tokens": {"le": settings.max_tokens_limit}}
+    created = int(time.time())
+
+    def model_id() -> str:
+        return settings.served_model_name or service.engine.info.name
+
+    def model_object() -> dict[str, Any]:
+        return {"id": model_id(), "object": "model", "created": created, "owned_by": OWNED_BY}
+
+    def check_model(name: str) -> None:
+        if not service.engine.loaded:
+            return  # service.generate answers 503 model_not_ready
+        if name != model_id():
+            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
+                            f"'{model_id()}' (GET /v1/models)", field="model")
+
+    async def list_models(request: Request) -> Response:
+        data = [model_object()] if service.engine.loaded else []
+        return json_response({"object": "list", "data": data})
+
+    async def retrieve_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if not service.engine.loaded or name != model_id():
+            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist", field="model")
+        return json_response(model_object())
+
+    def sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens or settings.max_tokens_limit,
+            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            stop=body.stop_sequences(),
+            seed=body.seed,
+            fit_context=max_tokens is None,
+        )
+
+    async def chat_completions(request: Request) -> Response:
+        body = from_json(ChatCompletionRequest, await request.json(settings.max_body_bytes),
+                         overrides=limit, allow_unknown=True)
+        check_model(body.model)
+        messages = tuple(_chat_message(m) for m in body.messages)
+        params = sampling(body, body.max_completion_tokens or body.max_tokens)
+        generation = await service.generate(GenerationRequest(params, messages=messages, stream=bool(body.stream)))
+        meta = _Meta("chatcmpl", model_id(), service.engine.info.revision)
+        if body.stream:
+            chunks = _stream(generation, meta, "chat.completion.chunk", _chat_delta, body.include_usage)
+            return StreamingResponse(chunks, on_disconnect=generation.cancel)
+        text = await _complete(generation, request)
+        return json_response({
+            **meta.head("chat.completion"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": generation.finish_reason}],
+            "usage": _usage(generation),
+        })
+
+    async def completions(request: Request) -> Response:
+        body = from_json(CompletionRequest, await request.json(settings.max_body_bytes),
+                         overrides=limit, allow_unknown=True)
+        if body.echo:
+            raise HTTPError(400, "unsupported_parameter", "echo=true is not supported", field="echo")
+        if body.suffix is not None:
+            raise HTTPError(400, "unsupported_parameter", "suffix is not supported", field="suffix")
+        check_model(body.model)
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        params = sampling(body, body.max_tokens or 16)  # OpenAI's default for completions is 16 tokens
+        generation = await service.generate(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)))
+        meta = _Meta("cmpl", model_id(), service.engine.info.revision)
+        if body.stream:
+            chunks = _stream(generation, meta, "text_completion", _text_delta, body.include_usage)
+            return StreamingResponse(chunks, on_disconnect=generation.cancel)
+        text = await _complete(generation, request)
+        return json_response({
+            **meta.head("text_completion"),
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}],
+            "usage": _usage(generation),
+        })
+
+    errors = (400, 401, 404, 413, 429, 503)
+    return [
+        Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
+        Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",
+              response_schema=Model, errors=(404,)),
+        Route("POST", "/v1/chat/completions", chat_completions, summary="OpenAI: chat completion (stream: SSE)",
+              request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors,
+              overrides=limit, allow_unknown_fields=True),
+        Route("POST", "/v1/completions", completions, summary="OpenAI: text completion (stream: SSE)",
+              request_schema=CompletionRequest, response_schema=Completion, errors=errors,
+              overrides=limit, allow_unknown_fields=True),
+    ]
+
+
+def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
+    content = message.content
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        text = "".join(part.text for part in content)
+    return ChatMessage(ROLES.get(message.role, message.role), text)  # type: ignore[arg-type]
+
+
+async def _complete(generation: Generation, request: Request) -> str:
+    text = await complete(generation, request.receive)
+    if text is None:
+        raise ClientDisconnected()
+    return text
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+class _Meta:
+    """The fields every object of one response repeats."""
+
+    __slots__ = ("id", "model", "created", "fingerprint")
+
+    def __init__(self, prefix: str, model: str, revision: str) -> None:
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.fingerprint = f"fp_{revision}"
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
+
+
+def _chat_delta(text: str | None, first: bool) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if first:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    return {"delta": delta}
+
+
+def _text_delta(text: str | None, first: bool) -> dict[str, Any]:
+    return {"text": text or ""}
+
+
+async def _stream(
+    generation: Generation,
+    meta: _Meta,
+    kind: str,
+    delta: Callable[[str | None, bool], dict[str, Any]],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE]."""
+    head = meta.head(kind)
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(text: str | None, first: bool = False, finish: str | None = None) -> bytes:
+        choice = {"index": 0, **delta(text, first), "logprobs": None, "finish_reason": finish}
+        return sse({**head, "choices": [choice]})
+
+    try:
+        if kind == "chat.completion.chunk":
+            yield chunk("", first=True)
+        async for piece in generation:
+            yield chunk(piece)
+        if generation.finish_reason is None:
+            return  # cancelled: the client is gone
+        yield chunk(None if kind == "chat.completion.chunk" else "", finish=generation.finish_reason)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": _usage(generation)})
+        yield SSE_DONE
+    except (EngineError, HTTPError) as exc:
+        error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)
+        yield sse(error.openai_body())
+    finally:
+        await generation.aclose()

@@ -1,0 +1,147 @@
+"""Request bodies of the OpenAI-compatible API (/v1), following the OpenAI API reference.
+
+Fields OpenAI defines but this service does not act on (logprobs, tools, response_format, ...) are accepted
+and ignored, as are unknown ones: clients send them routinely. Fields it does act on are type-checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .validation import spec
+
+
+@dataclass(frozen=True)
+class ContentPart:
+    type: Literal["text"]
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatCompletionMessage:
+    role: Literal["system", "developer", "user", "assistant"] = field(
+        metadata=spec(description="`developer` is treated as `system`.")
+    )
+    content: str | list[ContentPart] | None = field(
+        metadata=spec(description="Text, or a list of text parts (joined).")
+    )
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    include_usage: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingFields:
+    """The sampling fields both endpoints share."""
+
+    model: str = field(metadata=spec(min_length=1, description="The id listed by GET /v1/models."))
+    max_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Most tokens to generate."))
+    temperature: float | None = field(default=None, metadata=spec(ge=0, le=2, description="Default 1."))
+    top_p: float | None = field(default=None, metadata=spec(gt=0, le=1, description="Default 1."))
+    stop: str | list[str] | None = field(default=None, metadata=spec(min_length=1, max_items=4))
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = field(default=None, metadata=spec(ge=1, le=1, description="Only 1 is supported."))
+    user: str | None = None
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatCompletionMessage] = field(metadata=spec(min_items=1))
+    max_completion_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Wins over max_tokens."))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = field(metadata=spec(min_items=1, max_items=1, description="One prompt."))
+    echo: bool | None = field(default=False, metadata=spec(description="Only false is supported."))
+    suffix: str | None = field(default=None, metadata=spec(description="Not supported; must be null."))
+
+
+# Response shapes, for the OpenAPI document (handlers build the dicts directly: this is the hot path).
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    index: int
+    message: dict[str, Any]
+    finish_reason: Literal["stop", "length"]
+    logprobs: Any = None
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: Any = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+@dataclass(frozen=True)
+class ModelList:
+    object: Literal["list"]
+    data: list[Model]
+
+
+@dataclass(frozen=True)
+class OpenAIErrorBody:
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+@dataclass(frozen=True)
+class OpenAIError:
+    error: OpenAIErrorBody
