@@ -153,3 +153,51 @@ async def call_asgi(
     start = next(m for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return ASGIResult(start["status"], start["headers"], payload)
+
+
+class InProcessServer:
+    """A real uvicorn server on a free port, in a thread of the test process, so tests can look at its engine."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.server.started and self.app.service.ready):
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process server did not become ready")
+            time.sleep(0.01)  # another thread's state: nothing to await from here
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live(engine: LlamaEngine) -> Iterator[InProcessServer]:
+    """The session's engine behind a real HTTP server in this process (MAX_TOKENS_LIMIT 1024, N_CTX 2048)."""
+    from inference.app import build_app
+
+    server = InProcessServer(build_app(base_settings(), engine=engine))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def openai_client(live: InProcessServer) -> Any:
+    import openai
+
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client

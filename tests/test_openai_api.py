@@ -1,0 +1,209 @@
+"""The OpenAI-compatible API, driven by the official openai SDK against a real server and the real model."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def model_id(live):
+    return live.app.service.engine.info.name
+
+
+def ask(prompt):
+    return [{"role": "user", "content": prompt}]
+
+
+def test_models_list_and_retrieve(openai_client, model_id):
+    models = openai_client.models.list()
+    assert [m.id for m in models.data] == [model_id]
+    assert openai_client.models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError):
+        openai_client.models.retrieve("gpt-4")
+
+
+def test_chat_completion(openai_client, model_id):
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=[{"role": "system", "content": "You are a helpful assistant. Give short, factual answers."},
+                                  *ask("What is 2+2?")],
+        temperature=0, max_tokens=24,
+    )
+    assert reply.object == "chat.completion"
+    assert reply.model == model_id
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert "4" in choice.message.content
+    assert choice.finish_reason == "stop"
+    usage = reply.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens > 0
+
+
+def test_chat_max_completion_tokens_and_length(openai_client, model_id):
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Write a story about a dragon."), max_completion_tokens=4, temperature=0.8,
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 4
+
+
+def test_chat_stop_sequence(openai_client, model_id):
+    messages = ask("Count from 1 to 10, separated by commas.")
+    full = openai_client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=30)
+    assert "5" in full.choices[0].message.content
+    cut = openai_client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=30,
+                                                stop=["5"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert "5" not in cut.choices[0].message.content
+    assert full.choices[0].message.content.startswith(cut.choices[0].message.content)
+
+
+def test_chat_streaming_matches_the_whole_answer_and_reports_usage(openai_client, model_id):
+    kwargs = dict(model=model_id, messages=ask("What is the capital of France?"), temperature=0, max_tokens=24)
+    whole = openai_client.chat.completions.create(**kwargs)
+    stream = openai_client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # token by token, not one blob
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stream_without_usage_has_none(openai_client, model_id):
+    chunks = list(openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=3, stream=True))
+    assert all(c.usage is None for c in chunks)
+
+
+def test_completions_plain_and_streamed(openai_client, model_id):
+    reply = openai_client.completions.create(model=model_id, prompt="The capital of France is", temperature=0,
+                                             max_tokens=4)
+    assert reply.object == "text_completion"
+    assert "Paris" in reply.choices[0].text
+    assert reply.usage.completion_tokens <= 4
+    stream = openai_client.completions.create(model=model_id, prompt="The capital of France is", temperature=0,
+                                              max_tokens=4, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == reply.choices[0].text
+
+
+def test_unknown_openai_fields_are_ignored(openai_client, model_id):
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Hi"), max_tokens=2, presence_penalty=0.5, logit_bias={"1": 1},
+        response_format={"type": "text"}, user="tester", extra_body={"some_future_field": {"x": 1}},
+    )
+    assert reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2}, "n"),
+    ({"temperature": 5}, "temperature"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"max_tokens": 100000}, "max_tokens"),
+])
+def test_bad_parameters_raise_bad_request(openai_client, model_id, kwargs, param):
+    request = {"model": model_id, "messages": ask("Hi"), **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(**request)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_not_found(openai_client):
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.chat.completions.create(model="gpt-4", messages=ask("Hi"))
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_prompt_too_long_is_bad_request(openai_client, model_id):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("word " * 2100), max_tokens=10)
+    assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_without_max_tokens_the_answer_fits_the_context(openai_client, model_id):
+    reply = openai_client.completions.create(model=model_id, prompt="word " * 2030, temperature=0,
+                                             max_tokens=None, extra_body={"max_tokens": None})
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 2048
+
+
+def test_completions_rejects_echo(openai_client, model_id):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.completions.create(model=model_id, prompt="x", echo=True)
+    assert err.value.body["param"] == "echo"
+
+
+def test_v1_routing_errors_use_openai_shape(live):
+    response = httpx.get(f"{live.url}/v1/nothing")
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_first_token_arrives_long_before_the_last(live, model_id):
+    body = {"model": model_id, "messages": ask("Write a long story about a lighthouse."), "max_tokens": 150,
+            "temperature": 0.8, "seed": 3, "stream": True}
+    arrivals = []
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                arrivals.append(time.perf_counter())
+    assert len(arrivals) > 100
+    # Chunks arrive spread over the generation, not in one burst at the end.
+    first_half = arrivals[len(arrivals) // 2] - arrivals[0]
+    assert first_half > 0.25 * (arrivals[-1] - arrivals[0])
+
+
+def engine_quiet(engine):
+    """Wait (by queueing behind it) until whatever the engine is doing has finished; return tokens made so far."""
+    import asyncio
+
+    from inference.engine.base import GenerationRequest, SamplingParams
+
+    async def tiny():
+        generation = await engine.generate(GenerationRequest(SamplingParams(max_tokens=1), prompt="Hi"))
+        async for _ in generation:
+            pass
+        return generation.completion_tokens
+
+    made = asyncio.run(tiny())
+    return engine.tokens_generated - made
+
+
+def test_client_gone_mid_stream_frees_the_engine_within_a_few_tokens(live, model_id, engine):
+    body = {"model": model_id, "messages": ask("Write a very long essay about mountains."), "max_tokens": 800,
+            "temperature": 0.8, "stream": True}
+    before = engine_quiet(engine)
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{live.url}/v1/chat/completions", json=body) as response:
+            received = 0
+            for line in response.iter_lines():
+                received += '"content":"' in line
+                if received == 5:
+                    break
+        # Leaving the blocks closes the connection mid-answer.
+    produced = engine_quiet(engine) - before
+    assert produced < 30, f"{produced} tokens were generated for a client that left after 5"
+
+
+def test_client_gone_while_waiting_for_a_whole_answer_frees_the_engine(live, model_id, engine):
+    import socket
+
+    body = json.dumps({"model": model_id, "messages": ask("Write a very long essay about mountains."),
+                       "max_tokens": 800, "temperature": 0.8}).encode()
+    before = engine_quiet(engine)
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        while engine.tokens_generated - before < 5:
+            time.sleep(0.01)  # the model's progress lives in another thread
+    produced = engine_quiet(engine) - before
+    assert produced < 30, f"{produced} tokens were generated for a client that left after 5"
