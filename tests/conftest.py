@@ -201,3 +201,8 @@ def openai_client(live: InProcessServer) -> Any:
 
     with openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
         yield client
+
+
+@pytest.fixture
+def free_port_factory() -> Any:
+    return free_port

@@ -266,6 +266,10 @@ class LlamaEngine:
         produced = 0
         finish: FinishReason | None = "length"
         stopped = False
+        # Reusing the previous prompt's KV cache evaluates only the new suffix, in batches of another shape;
+        # llama.cpp's logits then differ in the last bits and temperature 0 stops being repeatable. Evaluating
+        # every prompt whole keeps identical requests identical (and cacheable), for a small prompt-time cost.
+        llm.reset()
         tokens = llm.generate(
             job.tokens, temp=params.temperature, top_p=params.top_p, top_k=TOP_K, min_p=MIN_P, repeat_penalty=1.0
         )

@@ -1,0 +1,166 @@
+"""The upstream backend end to end: `python -m inference` with MODEL_BACKEND=openai in front of a second
+instance of this service (a real OpenAI-compatible server running the embedded model)."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def gateway(live):
+    proc = ServerProcess({"MODEL_BACKEND": "openai", "UPSTREAM_URL": f"{live.url}/v1", "UPSTREAM_API_KEY": "k"})
+    try:
+        proc.wait_ready(timeout=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def sdk(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model_id(live):
+    return live.app.service.engine.info.name
+
+
+def ask(prompt):
+    return [{"role": "user", "content": prompt}]
+
+
+def test_gateway_discovers_and_serves_the_upstream_model(sdk, model_id, gateway):
+    assert [m.id for m in sdk.models.list().data] == [model_id]
+    card = httpx.get(f"{gateway.url}/api/v1/model").json()
+    assert card["backend"] == "openai-upstream" and card["model_name"] == model_id
+
+
+def test_chat_through_the_gateway_equals_the_upstream_answer(sdk, live, model_id):
+    kwargs = dict(model=model_id, messages=ask("What is 2+2?"), temperature=0, max_tokens=20)
+    via_gateway = sdk.chat.completions.create(**kwargs)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0) as direct:
+        upstream = direct.chat.completions.create(**kwargs)
+    assert via_gateway.choices[0].message.content == upstream.choices[0].message.content
+    assert via_gateway.usage.model_dump() == upstream.usage.model_dump()
+    assert via_gateway.choices[0].finish_reason == upstream.choices[0].finish_reason
+
+
+def test_streaming_through_the_gateway(sdk, model_id):
+    kwargs = dict(model=model_id, messages=ask("Name three colours."), temperature=0, max_tokens=20)
+    whole = sdk.chat.completions.create(**kwargs)
+    chunks = list(sdk.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert len(chunks) > 5
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_and_native_api_through_the_gateway(sdk, gateway, model_id):
+    text = sdk.completions.create(model=model_id, prompt="The capital of France is", temperature=0, max_tokens=4)
+    assert "Paris" in text.choices[0].text
+    answer = httpx.post(f"{gateway.url}/api/v1/infer", json={"prompt": "What is 2+2?", "temperature": 0}, timeout=60)
+    assert answer.status_code == 200 and "4" in answer.json()["output"]
+
+
+def test_upstream_refusals_pass_through(sdk, model_id):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(model=model_id, messages=ask("word " * 2100), max_tokens=10)
+    assert "context" in err.value.message
+
+
+def test_gateway_disconnect_stops_the_upstream_generation(gateway, model_id, engine):
+    from test_openai_api import engine_quiet
+
+    body = {"model": model_id, "messages": ask("Write a very long essay about rivers."), "max_tokens": 800,
+            "temperature": 0.8, "stream": True}
+    before = engine_quiet(engine)
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += '"content":"' in line
+            if received == 5:
+                break
+    produced = engine_quiet(engine) - before
+    assert produced < 40, f"the upstream generated {produced} tokens for a client that left after 5"
+
+
+def test_upstream_down_is_a_502_not_a_hang(free_port_factory):
+    port = free_port_factory()  # nothing listens there
+    proc = ServerProcess({"MODEL_BACKEND": "openai", "UPSTREAM_URL": f"http://127.0.0.1:{port}/v1",
+                          "UPSTREAM_MODEL": "some-model"})
+    try:
+        proc.wait_ready(timeout=60)
+        with openai.OpenAI(base_url=f"{proc.url}/v1", api_key="x", max_retries=0, timeout=30) as client:
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model="some-model", messages=ask("Hi"))
+        assert err.value.status_code == 502
+        assert err.value.body["code"] == "upstream_unavailable"
+        native = httpx.post(f"{proc.url}/api/v1/infer", json={"prompt": "Hi"}, timeout=30)
+        assert native.status_code == 502 and native.json()["error"]["code"] == "upstream_unavailable"
+    finally:
+        proc.stop()
+
+
+def test_upstream_that_never_answers_is_a_504(free_port_factory):
+    # A real listening socket that accepts connections and never replies: the worst kind of slow upstream.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    proc = ServerProcess({"MODEL_BACKEND": "openai", "UPSTREAM_URL": f"http://127.0.0.1:{port}/v1",
+                          "UPSTREAM_MODEL": "slow", "UPSTREAM_TIMEOUT_SECONDS": "1"})
+    try:
+        proc.wait_ready(timeout=60)
+        for stream in (False, True):
+            response = httpx.post(f"{proc.url}/v1/chat/completions", timeout=30,
+                                  json={"model": "slow", "messages": ask("Hi"), "stream": stream})
+            assert response.status_code == 504
+            assert response.json()["error"]["code"] == "upstream_timeout"
+    finally:
+        proc.stop()
+        stop.set()
+        acceptor.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_slow_upstream_generation_is_a_504(live, model_id):
+    proc = ServerProcess({"MODEL_BACKEND": "openai", "UPSTREAM_URL": f"{live.url}/v1",
+                          "UPSTREAM_TIMEOUT_SECONDS": "1"})
+    try:
+        proc.wait_ready(timeout=60)
+        # ~400 tokens take several seconds upstream; the whole answer cannot arrive within the 1 s read timeout.
+        response = httpx.post(f"{proc.url}/v1/chat/completions", timeout=60, json={
+            "model": model_id, "messages": ask("Write a long essay about forests."), "max_tokens": 400,
+            "temperature": 0.8})
+        assert response.status_code == 504, response.text
+    finally:
+        proc.stop()
+
+
+def test_gateway_needs_an_upstream_url():
+    from inference.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="UPSTREAM_URL"):
+        Settings.from_env({"MODEL_BACKEND": "openai"}, env_file=None)
