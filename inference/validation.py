@@ -116,10 +116,16 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+@cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
 def _convert(hint: Any, value: Any, path: str, errors: _Errors, overrides: Overrides, allow_unknown: bool) -> Any:
-    origin = typing.get_origin(hint)
+    if hint is type(value) and hint in (str, int, float, bool):
+        return value  # the common case, decided without looking at the type's structure
+    origin, options = _shape(hint)
     if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
         if value is None:
             if type(None) in options:
                 return None
@@ -137,7 +143,7 @@ def _convert(hint: Any, value: Any, path: str, errors: _Errors, overrides: Overr
         errors.add(path, "must be " + " or ".join(_describe(o) for o in candidates))
         return None
     if origin is Literal:
-        allowed = typing.get_args(hint)
+        allowed = options
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
             errors.add(path, "must be one of: " + ", ".join(map(str, allowed)))
         return value
@@ -145,7 +151,7 @@ def _convert(hint: Any, value: Any, path: str, errors: _Errors, overrides: Overr
         if not isinstance(value, list):
             errors.add(path, f"must be {_describe(hint)}, not {_json_type(value)}")
             return None
-        (item,) = typing.get_args(hint)
+        (item,) = options
         return [_convert(item, v, f"{path}[{i}]", errors, overrides, allow_unknown) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return _dataclass(hint, value, path, errors, overrides, allow_unknown)

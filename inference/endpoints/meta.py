@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from .. import SERVICE_NAME, __version__
@@ -46,7 +47,8 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         return json_response(asdict(ServiceResponse(
             name=SERVICE_NAME, version=__version__, environment=settings.environment, model=model,
             links={"docs": "/docs", "openapi": "/openapi.json", "health": "/health", "ready": "/ready",
-                   "model": "/api/v1/model", "infer": "/api/v1/infer"},
+                   "model": "/api/v1/model", "infer": "/api/v1/infer", "playground": "/playground",
+                   "openai": "/v1"},
         )))
 
     async def health(request: Request) -> Response:
@@ -76,6 +78,11 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
     async def openapi_json(request: Request) -> Response:
         return Response(openapi_body())
 
+    playground_page = (resources.files("inference") / "static" / "playground.html").read_bytes()
+
+    async def playground(request: Request) -> Response:
+        return Response(playground_page, media_type="text/html; charset=utf-8")
+
     async def docs(request: Request) -> Response:
         return Response(docs_page, media_type="text/html; charset=utf-8")
 
@@ -93,5 +100,6 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         Route("GET", "/api/v1/model", model, summary="The served model", response_schema=ModelResponse, errors=(503,)),
         Route("GET", "/openapi.json", openapi_json, summary="This document"),
         Route("GET", "/docs", docs, summary="Swagger UI", media_type="text/html"),
+        Route("GET", "/playground", playground, summary="Chat with the model in the browser", media_type="text/html"),
         Route("GET", "/docs/{asset}", docs_asset, include_in_schema=False),
     ]

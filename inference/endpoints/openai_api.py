@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
-from ..http import SSE_DONE, ClientDisconnected, Request, Response, StreamingResponse, json_response, sse
+from ..http import SSE_DONE, ClientDisconnected, Request, Response, StreamingResponse, dump_json, json_response, sse
 from ..openai_schemas import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -75,7 +75,7 @@ def routes(service: Service) -> list[Route]:
         generation = await service.generate(GenerationRequest(params, messages=messages, stream=bool(body.stream)))
         meta = _Meta("chatcmpl", model_id(), service.engine.info.revision)
         if body.stream:
-            chunks = _stream(generation, meta, "chat.completion.chunk", _chat_delta, body.include_usage)
+            chunks = _stream(generation, meta, True, body.include_usage)
             return StreamingResponse(chunks, on_disconnect=generation.cancel)
         text = await _complete(generation, request)
         return json_response({
@@ -98,7 +98,7 @@ def routes(service: Service) -> list[Route]:
         generation = await service.generate(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)))
         meta = _Meta("cmpl", model_id(), service.engine.info.revision)
         if body.stream:
-            chunks = _stream(generation, meta, "text_completion", _text_delta, body.include_usage)
+            chunks = _stream(generation, meta, False, body.include_usage)
             return StreamingResponse(chunks, on_disconnect=generation.cancel)
         text = await _complete(generation, request)
         return json_response({
@@ -163,43 +163,27 @@ class _Meta:
                 "system_fingerprint": self.fingerprint}
 
 
-def _chat_delta(text: str | None, first: bool) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    if first:
-        delta["role"] = "assistant"
-    if text is not None:
-        delta["content"] = text
-    return {"delta": delta}
+async def _stream(generation: Generation, meta: _Meta, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE].
 
-
-def _text_delta(text: str | None, first: bool) -> dict[str, Any]:
-    return {"text": text or ""}
-
-
-async def _stream(
-    generation: Generation,
-    meta: _Meta,
-    kind: str,
-    delta: Callable[[str | None, bool], dict[str, Any]],
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE]."""
-    head = meta.head(kind)
+    Every chunk repeats the same head; it is encoded once and each piece only adds its own JSON string.
+    """
+    head = meta.head("chat.completion.chunk" if chat else "text_completion")
     if include_usage:
         head["usage"] = None
-
-    def chunk(text: str | None, first: bool = False, finish: str | None = None) -> bytes:
-        choice = {"index": 0, **delta(text, first), "logprobs": None, "finish_reason": finish}
-        return sse({**head, "choices": [choice]})
+    prefix = b"data: " + dump_json(head)[:-1] + b',"choices":[{"index":0,'
+    piece_open = b'"delta":{"content":' if chat else b'"text":'
+    piece_close = b'},"logprobs":null,"finish_reason":null}]}\n\n' if chat else b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     try:
-        if kind == "chat.completion.chunk":
-            yield chunk("", first=True)
+        if chat:
+            yield prefix + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         async for piece in generation:
-            yield chunk(piece)
+            yield prefix + piece_open + dump_json(piece) + piece_close
         if generation.finish_reason is None:
             return  # cancelled: the client is gone
-        yield chunk(None if kind == "chat.completion.chunk" else "", finish=generation.finish_reason)
+        last = b'"delta":{}' if chat else b'"text":""'
+        yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(generation.finish_reason) + b"}]}\n\n"
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(generation)})
         yield SSE_DONE

@@ -1,10 +1,10 @@
 """The upstream engine: generation forwarded to an OpenAI-compatible server (vLLM, llama.cpp, TGI, Ollama...).
 
-One pooled httpx.AsyncClient carries every request. `generate` sends the request and waits for the
-upstream's status line, so refusals and outages become HTTP errors before any byte is sent to the client;
-a pump task then reads the body (SSE when streaming) and hands text pieces over a queue, like the
-embedded engine's worker does. Cancelling the pump closes the upstream connection, so the upstream stops
-generating too.
+One pooled aiohttp ClientSession carries every request (aiohttp rather than httpx: on our 2-core machines
+httpx's client tops out near 750 requests/s on its own, aiohttp near 6,000; see the README). `generate` sends
+the request and waits for the upstream's status line, so refusals and outages become HTTP errors before any
+byte goes to the client. The body is then read as the caller iterates: SSE lines when streaming, one JSON
+document otherwise. `cancel()` closes the upstream connection, so the upstream stops generating too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Any
+import urllib.error
+import urllib.request
+from typing import Any, AsyncIterator
 
 from .base import EngineNotReady, FinishReason, GenerationRequest, ModelInfo, UpstreamError
 
@@ -24,111 +26,94 @@ BACKEND = "openai-upstream"
 CONNECT_TIMEOUT = 5.0
 DISCOVERY_RETRY_SECONDS = 2.0
 MAX_CONNECTIONS = 256
-_END = object()
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def _httpx() -> Any:
+def _aiohttp() -> Any:
     try:
-        import httpx
+        import aiohttp
     except ImportError:  # pragma: no cover - depends on the install
-        raise UpstreamError(500, "missing_dependency", "MODEL_BACKEND=openai needs httpx: pip install 'inference[upstream]'")
-    return httpx
+        raise UpstreamError(500, "missing_dependency", "MODEL_BACKEND=openai needs aiohttp: pip install 'inference[upstream]'")
+    return aiohttp
 
 
 class UpstreamGeneration:
-    def __init__(self, response: Any, stream: bool) -> None:
+    """Text pieces read from the upstream's answer as the caller iterates."""
+
+    def __init__(self, response: Any, stream: bool, timeout: float) -> None:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self._response = response
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._done = False
-        self._pump = asyncio.ensure_future(self._read_stream() if stream else self._read_whole())
+        self._timeout = timeout
+        self._cancelled = False
+        self._pieces = self._read_stream() if stream else self._read_whole()
 
     def __aiter__(self) -> "UpstreamGeneration":
         return self
 
     async def __anext__(self) -> str:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, str):
-            return item
-        self._done = True
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
+        aiohttp = _aiohttp()
+        try:
+            return await self._pieces.__anext__()
+        except StopAsyncIteration:
+            self._response.release()
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+            self._response.close()
+            if self._cancelled:
+                self.finish_reason = None
+                raise StopAsyncIteration from None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise UpstreamError(504, "upstream_timeout", f"the upstream stalled for {self._timeout:g} s") from None
+            raise UpstreamError(502, "upstream_error", f"the upstream's answer broke off: {exc!r}") from None
 
     def cancel(self) -> None:
-        self._pump.cancel()
+        self._cancelled = True
+        self._response.close()  # wakes a pending read, which then ends the iteration
 
     async def aclose(self) -> None:
-        self._done = True
-        if not self._pump.done():
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+        if not self._response.closed and self.finish_reason is None:
+            self.cancel()
+        await self._pieces.aclose()
 
     def _usage(self, usage: dict[str, Any] | None) -> None:
         if usage:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
-    async def _read_whole(self) -> None:
-        httpx = _httpx()
-        try:
-            data = json.loads(await self._response.aread())
-            choice = data["choices"][0]
-            text = choice["message"]["content"] if "message" in choice else choice["text"]
-            self.finish_reason = _finish(choice.get("finish_reason"))
-            self._usage(data.get("usage"))
-            if text:
-                self._queue.put_nowait(text)
-            self._queue.put_nowait(_END)
-        except asyncio.CancelledError:
-            self._queue.put_nowait(_END)
-            raise
-        except httpx.TimeoutException:
-            self._queue.put_nowait(UpstreamError(504, "upstream_timeout", "the upstream did not answer in time"))
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            self._queue.put_nowait(UpstreamError(502, "upstream_error", f"the upstream sent a bad answer: {exc!r}"))
-        finally:
-            await self._response.aclose()
+    async def _read_whole(self) -> AsyncIterator[str]:
+        data = json.loads(await self._response.read())
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        self._usage(data.get("usage"))
+        if text:
+            yield text
+        self.finish_reason = _finish(choice.get("finish_reason"))
 
-    async def _read_stream(self) -> None:
-        httpx = _httpx()
-        finish: FinishReason | None = None
-        try:
-            async for line in self._response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                data = json.loads(payload)
-                if "error" in data:
-                    message = (data["error"] or {}).get("message", "unknown error")
-                    raise UpstreamError(502, "upstream_error", f"the upstream failed mid-stream: {message}")
-                self._usage(data.get("usage"))
-                for choice in data.get("choices") or ():
-                    delta = choice.get("delta")
-                    text = delta.get("content") if delta is not None else choice.get("text")
-                    if text:
-                        self._queue.put_nowait(text)
-                    if choice.get("finish_reason"):
-                        finish = _finish(choice["finish_reason"])
-            self.finish_reason = finish or "stop"
-            self._queue.put_nowait(_END)
-        except asyncio.CancelledError:
-            self._queue.put_nowait(_END)
-            raise
-        except UpstreamError as exc:
-            self._queue.put_nowait(exc)
-        except httpx.TimeoutException:
-            self._queue.put_nowait(UpstreamError(504, "upstream_timeout", "the upstream stalled mid-stream"))
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            self._queue.put_nowait(UpstreamError(502, "upstream_error", f"the upstream stream broke: {exc!r}"))
-        finally:
-            await self._response.aclose()
+    async def _read_stream(self) -> AsyncIterator[str]:
+        finish: FinishReason = "stop"
+        async for raw in self._response.content:
+            if not raw.startswith(b"data:"):
+                continue
+            payload = raw[5:].strip()
+            if payload == b"[DONE]":
+                break
+            data = json.loads(payload)
+            if "error" in data:
+                message = (data["error"] or {}).get("message", "unknown error")
+                raise UpstreamError(502, "upstream_error", f"the upstream failed mid-stream: {message}")
+            self._usage(data.get("usage"))
+            for choice in data.get("choices") or ():
+                delta = choice.get("delta")
+                text = delta.get("content") if delta is not None else choice.get("text")
+                if text:
+                    yield text
+                if choice.get("finish_reason"):
+                    finish = _finish(choice["finish_reason"])
+        if self._cancelled:
+            return
+        self.finish_reason = finish
 
 
 def _finish(reason: Any) -> FinishReason:
@@ -150,7 +135,7 @@ class UpstreamEngine:
         self.model = model
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client: Any = None
+        self._session: Any = None
         self._info: ModelInfo | None = None
         self._closed = threading.Event()
 
@@ -170,14 +155,13 @@ class UpstreamEngine:
 
     def load(self) -> None:
         """Find the upstream's model (its first one unless UPSTREAM_MODEL names it); retry until it answers."""
-        httpx = _httpx()
         model = self.model
         while model is None and not self._closed.is_set():
             try:
-                response = httpx.get(f"{self.base_url}/models", headers=self._headers, timeout=CONNECT_TIMEOUT)
-                response.raise_for_status()
-                model = response.json()["data"][0]["id"]
-            except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+                request = urllib.request.Request(f"{self.base_url}/models", headers=self._headers)
+                with urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT) as response:
+                    model = json.load(response)["data"][0]["id"]
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
                 log.warning("upstream %s not usable yet (%s); retrying", self.base_url, exc)
                 self._closed.wait(DISCOVERY_RETRY_SECONDS)
         if model is None:
@@ -191,21 +175,24 @@ class UpstreamEngine:
         )
         log.info("forwarding to %s (model %s)", self.base_url, model)
 
-    def _get_client(self) -> Any:
-        if self._client is None:
-            httpx = _httpx()
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=self._headers,
-                timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT),
-                limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+    def _get_session(self) -> Any:
+        if self._session is None:
+            aiohttp = _aiohttp()
+            from yarl import URL  # aiohttp's URL type, installed with it
+
+            self._session = aiohttp.ClientSession(
+                headers={**self._headers, **JSON_HEADERS},
+                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=self.timeout),
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS),
             )
-        return self._client
+            # Parsed once here rather than on every request.
+            self._urls = {"chat": URL(f"{self.base_url}/chat/completions"), "text": URL(f"{self.base_url}/completions")}
+        return self._session
 
     async def generate(self, request: GenerationRequest) -> UpstreamGeneration:
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
-        httpx = _httpx()
+        aiohttp = _aiohttp()
         params = request.params
         payload: dict[str, Any] = {
             "model": self.model, "temperature": params.temperature, "top_p": params.top_p, "stream": request.stream,
@@ -219,43 +206,46 @@ class UpstreamEngine:
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
         if request.messages is not None:
-            path = "/chat/completions"
+            kind = "chat"
             payload["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
-            path = "/completions"
+            kind = "text"
             payload["prompt"] = request.prompt
-        client = self._get_client()
+        session = self._get_session()
         try:
-            response = await client.send(client.build_request("POST", path, json=payload), stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamError(504, "upstream_timeout", f"the upstream at {self.base_url} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc!r}") from None
-        if response.status_code >= 400:
+            response = await session.post(self._urls[kind], data=json.dumps(payload).encode())
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, "upstream_timeout",
+                                f"the upstream at {self.base_url} did not answer within {self.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc}") from None
+        if response.status >= 400:
             raise await _refusal(response)
-        return UpstreamGeneration(response, request.stream)
+        return UpstreamGeneration(response, request.stream, self.timeout)
 
     async def close(self) -> None:
         self._closed.set()
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _refusal(response: Any) -> UpstreamError:
     """The upstream's 4xx/5xx as our error: its client errors pass through, its failures become 502."""
+    raw = b""
     try:
-        body = json.loads(await response.aread())
+        raw = await response.read()
+        body = json.loads(raw)
         error = body.get("error") if isinstance(body, dict) else None
         message = error.get("message") if isinstance(error, dict) else (error or str(body))
         param = error.get("param") if isinstance(error, dict) else None
-    except ValueError:
-        message, param = response.text[:200], None
+    except Exception:  # a body that is not OpenAI's error JSON, or that broke off
+        message, param = raw[:200].decode(errors="replace"), None
     finally:
-        await response.aclose()
-    status = response.status_code
+        response.release()
+    status = response.status
     text = f"upstream: {message}"
     if status in (400, 404, 413, 422):
         return UpstreamError(status, "upstream_rejected", text, field=param)
     if status in (429, 503):
-        return UpstreamError(status, "upstream_busy", text, retry_after=response.headers.get("retry-after", "1"))
+        return UpstreamError(status, "upstream_busy", text, retry_after=response.headers.get("Retry-After", "1"))
     return UpstreamError(502, "upstream_error", f"upstream answered {status}: {message}")
