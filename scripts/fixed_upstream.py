@@ -67,9 +67,12 @@ def build(tokens: int, delay: float):
         if is_chat:
             await send({"type": "http.response.body", "body": chunk({"role": "assistant", "content": ""}),
                         "more_body": True})
-        for word in words:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, word in enumerate(words):
             if delay:
-                await asyncio.sleep(delay)
+                # An absolute schedule: a late wake-up does not push back every later token.
+                await asyncio.sleep(max(0.0, start + (i + 1) * delay - loop.time()))
             await send({"type": "http.response.body", "body": chunk({"content": word}, chat_kind=is_chat),
                         "more_body": True})
         tail = chunk({}, "length", chat_kind=is_chat)
