@@ -126,3 +126,33 @@ def test_health_answers_promptly_during_a_long_generation(server, client):
         worker.join()
     # With generation blocking the event loop, health could only answer before and after it: a handful at most.
     assert answered >= 50, answered
+
+
+def test_sigterm_lets_the_request_in_flight_finish(model_file):
+    import json
+    import signal
+
+    from conftest import ServerProcess
+
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0])})
+    try:
+        proc.wait_ready()
+        body = {"prompt": "Write a story about a fox.", "max_tokens": 60, "temperature": 0.8, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{proc.url}/api/v1/infer", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if len(events) == 1:
+                        proc.proc.send_signal(signal.SIGTERM)  # mid-answer
+                elif line.startswith("data: ") and events[-1] == "done":
+                    done = json.loads(line[6:])
+        assert events[-1] == "done" and events.count("token") > 1
+        assert done["completion_tokens"] == 60 or done["finish_reason"] == "stop"
+        # uvicorn finishes the graceful shutdown, then re-raises the signal so the exit status reports it.
+        assert proc.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # Once draining, the server takes no new connections.
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{proc.url}/health", timeout=2)
+    finally:
+        proc.stop()
