@@ -55,6 +55,8 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
         timeout_graceful_shutdown=30,
+        # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     server.run()

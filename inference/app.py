@@ -8,9 +8,13 @@ from .config import Settings
 from .endpoints import infer, meta, openai_api
 from .engine.base import Engine
 from .http import ASGIApp, Receive, Scope, Send
+from .middleware.auth import auth
 from .middleware.errors import errors
+from .middleware.limit import limit
 from .router import Route, Router
 from .service import Service
+from .store.base import Store
+from .store.memory import MemoryStore
 
 
 def create_engine(settings: Settings) -> Engine:
@@ -33,23 +37,39 @@ def create_engine(settings: Settings) -> Engine:
     )
 
 
+def create_store(settings: Settings) -> Store:
+    """Redis when REDIS_URL is set (shared by every replica), otherwise this process's memory."""
+    if settings.redis_url:
+        from .store.redis import RedisStore
+
+        return RedisStore(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
+    return MemoryStore(settings.cache_max_bytes)
+
+
 def build_app(
     settings: Settings,
     engine: Engine | None = None,
     *,
+    store: Store | None = None,
     on_fatal: Callable[[], None] | None = None,
 ) -> Application:
     """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
     service = Service(
         settings, engine if engine is not None else create_engine(settings),
+        store if store is not None else create_store(settings),
         owns_engine=engine is None, on_fatal=on_fatal,
     )
     routes: list[Route] = []
     routes += meta.routes(service, routes)
     routes += infer.routes(service)
     routes += openai_api.routes(service)
+    limited = frozenset(route.template for route in routes if route.limited)
 
+    # The request path, innermost first; read bottom-up it is the order a request meets them.
     app: ASGIApp = Router(routes)
+    if settings.rate_limit_enabled:
+        app = limit(app, store=service.store, settings=settings, paths=limited)
+    app = auth(app, keys=settings.all_api_keys)
     app = errors(app)
     return Application(app, service)
 

@@ -6,6 +6,7 @@ with a ConfigError naming the variable and what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -19,8 +20,12 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Give short, factual answer
 ENVIRONMENTS = ("development", "staging", "production", "test")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_BACKENDS = ("llama", "openai")
+CACHE_MODES = ("all", "deterministic", "off")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -94,7 +99,7 @@ def _existing_file(raw: str) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ValueError(f"must name an existing GGUF file; {path} does not exist")
+        raise ValueError(f"must name an existing file; {path} does not exist")
     return path
 
 
@@ -111,6 +116,48 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_optional(raw: str) -> Any:
+        return parse(raw) if raw.strip() else None
+
+    return parse_optional
+
+
+def _key_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.\-:]{1,64}", value):
+        raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ . - :")
+    return value
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"must be comma-separated IP addresses or CIDRs; {part!r} is neither") from None
+    return tuple(networks)
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(filter(None, (k.strip() for k in raw.split(","))))
+    if any(len(k) < 8 for k in keys):
+        raise ValueError("every key must have at least 8 characters")
+    return keys
+
+
+def _keys_file(raw: str) -> Path | None:
+    path = _existing_file(raw)
+    if path is not None:
+        try:
+            keys = [line.strip() for line in path.read_text().splitlines()]
+        except OSError as exc:
+            raise ValueError(f"cannot be read: {exc}") from None
+        _keys(",".join(k for k in keys if k and not k.startswith("#")))
+    return path
+
+
 def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -124,8 +171,18 @@ class Settings:
     environment: str = "development"
     log_level: str = "INFO"
     redis_url: str | None = None
+    redis_key_prefix: str = "inference"
+    redis_timeout_ms: int = 200
     rate_limit_enabled: bool = True
     rate_limit_per_minute: int = 10
+    rate_limit_burst: int | None = None
+    rate_limit_tokens_per_minute: int | None = None
+    rate_limit_fail_open: bool = True
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    cache_mode: str = "all"
+    cache_max_bytes: int = 64 * 1024 * 1024
     otel_enabled: bool = True
     otel_exporter_otlp_endpoint: str | None = None
     model_backend: str = "llama"
@@ -174,6 +231,19 @@ class Settings:
                 f"MAX_TOKENS_LIMIT={self.max_tokens_limit} is invalid: must be smaller than N_CTX={self.n_ctx}"
             )
 
+    @property
+    def all_api_keys(self) -> tuple[str, ...]:
+        """API_KEYS plus the keys in API_KEYS_FILE (one a line; blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        return tuple(dict.fromkeys(keys))
+
+    @property
+    def burst(self) -> int:
+        return self.rate_limit_burst or self.rate_limit_per_minute
+
     def replace(self, **changes: Any) -> "Settings":
         settings = replace(self, **changes)
         settings.check()
@@ -186,8 +256,18 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "environment": _choice(ENVIRONMENTS),
     "log_level": _choice(LOG_LEVELS, upper=True),
     "redis_url": _url(("redis", "rediss", "unix")),
+    "redis_key_prefix": _key_prefix,
+    "redis_timeout_ms": _int(1, 60_000),
     "rate_limit_enabled": _bool,
     "rate_limit_per_minute": _int(1),
+    "rate_limit_burst": _optional(_int(1)),
+    "rate_limit_tokens_per_minute": _optional(_int(1)),
+    "rate_limit_fail_open": _bool,
+    "trusted_proxies": _networks,
+    "api_keys": _keys,
+    "api_keys_file": _keys_file,
+    "cache_mode": _choice(CACHE_MODES),
+    "cache_max_bytes": _int(0),
     "otel_enabled": _bool,
     "otel_exporter_otlp_endpoint": _url(("http", "https")),
     "model_backend": _choice(MODEL_BACKENDS),

@@ -20,6 +20,7 @@ HEADER_CONTENT_LENGTH = "content-length"
 HEADER_REQUEST_ID = "x-request-id"
 HEADER_RETRY_AFTER = "retry-after"
 JSON_TYPE = "application/json"
+SSE_TYPE = "text/event-stream"
 MAX_JSON_DEPTH = 32
 
 
@@ -164,6 +165,15 @@ def error_response(error: HTTPError, request_id: str | None = None, *, openai: b
     return json_response(body, status=error.status, headers=error.headers)
 
 
+class StreamOutcome:
+    """Set by a stream's producer just before its last event, so that a cut-short stream is never cached."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = False
+
+
 class StreamingResponse(Response):
     """A response whose body chunks come from an async iterator, each sent as soon as it is produced.
 
@@ -176,13 +186,15 @@ class StreamingResponse(Response):
         chunks: AsyncIterator[bytes],
         status: int = 200,
         headers: dict[str, str] | None = None,
-        media_type: str = "text/event-stream",
+        media_type: str = SSE_TYPE,
         on_disconnect: Callable[[], None] | None = None,
+        outcome: StreamOutcome | None = None,
     ) -> None:
         super().__init__(b"", status, headers, media_type)
         del self.headers[HEADER_CONTENT_LENGTH]
         self.chunks = chunks
         self.on_disconnect = on_disconnect
+        self.outcome = outcome or StreamOutcome()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()

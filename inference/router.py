@@ -26,6 +26,7 @@ class Route:
     errors: tuple[int, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allow_unknown_fields: bool = False
+    limited: bool = False  # counted by the rate limiter (the inference endpoints)
     media_type: str = "application/json"
     include_in_schema: bool = True
 

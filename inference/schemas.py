@@ -71,6 +71,9 @@ class HealthResponse:
 class ReadyResponse:
     status: Literal["ready", "loading", "failed", "stopping"]
     reason: str | None = None
+    store: Literal["memory", "up", "down"] = field(
+        default="memory", metadata=spec(description="Cache and rate-limit store: in memory, or Redis up/down.")
+    )
 
 
 @dataclass(frozen=True)

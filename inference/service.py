@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+import math
+from typing import Any, Callable
 
 from .config import Settings
 from .engine.base import (
@@ -16,10 +17,14 @@ from .engine.base import (
     Generation,
     GenerationRequest,
     InvalidPrompt,
+    ModelInfo,
     UpstreamError,
 )
 from .errors import HTTPError
 from .http import Receive
+from .middleware.cache import ResponseCache
+from .middleware.limit import rate_limit_headers
+from .store.base import Policy, Store, StoreUnavailable
 
 log = logging.getLogger("inference")
 
@@ -33,14 +38,22 @@ class Service:
         self,
         settings: Settings,
         engine: Engine,
+        store: Store,
         *,
         owns_engine: bool = True,
         on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
+        self.store = store
+        self.cache = ResponseCache(store, settings)
         self.owns_engine = owns_engine
         self.on_fatal = on_fatal
+        self.token_policy = (
+            Policy("tokens", settings.rate_limit_tokens_per_minute, 60, settings.rate_limit_tokens_per_minute)
+            if settings.rate_limit_enabled and settings.rate_limit_tokens_per_minute else None
+        )
+        self._background: set[asyncio.Task[None]] = set()
         self.state = "loading"
         self.reason: str | None = "the model is loading"
         self._load_task: asyncio.Task[None] | None = None
@@ -73,6 +86,7 @@ class Service:
             await asyncio.wait({self._load_task}, timeout=30)
         if self.owns_engine:
             await self.engine.close()
+        await self.store.close()
 
     @property
     def ready(self) -> bool:
@@ -80,15 +94,99 @@ class Service:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        """Start a generation, translating the engine's refusals into HTTP errors."""
+    def model(self) -> ModelInfo:
+        """The served model, or 503 while it is not ready."""
         if not self.ready:
             raise HTTPError(503, "model_not_ready", self.reason or "the model is not ready",
                             headers={"Retry-After": NOT_READY_RETRY_AFTER})
+        return self.engine.info
+
+    async def generate(self, request: GenerationRequest, client: str | None = None) -> Generation:
+        """Start a generation, translating the engine's refusals into HTTP errors. With a token budget
+        (RATE_LIMIT_TOKENS_PER_MINUTE), `client` first reserves max_tokens; what is not generated is refunded."""
+        self.model()
+        reserved = await self._reserve(request, client) if self.token_policy and client else 0
         try:
-            return await self.engine.generate(request)
+            generation = await self.engine.generate(request)
         except EngineError as exc:
+            self._refund(client, reserved)
             raise engine_http_error(exc) from None
+        except BaseException:
+            self._refund(client, reserved)
+            raise
+        return _Refunding(generation, lambda used: self._refund(client, reserved - used)) if reserved else generation
+
+    async def _reserve(self, request: GenerationRequest, client: str) -> int:
+        policy = self.token_policy
+        assert policy is not None
+        cost = min(request.params.max_tokens, policy.burst)
+        try:
+            decision = await self.store.acquire(self._token_key(client), policy, cost)
+        except StoreUnavailable:
+            if self.settings.rate_limit_fail_open:
+                return 0
+            raise HTTPError(503, "rate_limiter_unavailable", "the rate limiter's store is unavailable; retry shortly",
+                            headers={"Retry-After": "1"}) from None
+        if not decision.allowed:
+            retry_after = str(math.ceil(decision.retry_after))
+            raise HTTPError(
+                429, "tokens_rate_limited",
+                f"token budget of {policy.limit} tokens per minute exceeded (this request reserves max_tokens={cost}); "
+                f"retry in {retry_after} s",
+                headers={"Retry-After": retry_after,
+                         **{k.decode(): v.decode() for k, v in rate_limit_headers(policy, decision)}},
+            )
+        return cost
+
+    def _token_key(self, client: str) -> str:
+        return f"{self.settings.redis_key_prefix}:tpm:{client}"
+
+    def _refund(self, client: str | None, units: int) -> None:
+        if units <= 0 or client is None or self.token_policy is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._refund_now(client, units))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refund_now(self, client: str, units: int) -> None:
+        assert self.token_policy is not None
+        try:
+            await self.store.refund(self._token_key(client), self.token_policy, units)
+        except StoreUnavailable:
+            pass
+
+
+class _Refunding:
+    """A Generation that reports how many tokens it used once it ends, however it ends."""
+
+    def __init__(self, inner: Generation, on_end: Callable[[int], None]) -> None:
+        self._inner = inner
+        self._on_end: Callable[[int], None] | None = on_end
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __aiter__(self) -> "_Refunding":
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:
+            self._end()
+            raise
+
+    def cancel(self) -> None:
+        self._inner.cancel()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+        self._end()
+
+    def _end(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self._inner.completion_tokens)
 
 
 def engine_http_error(exc: EngineError) -> HTTPError:

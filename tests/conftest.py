@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 def base_settings(**changes: Any) -> Settings:
-    return Settings.from_env({"ENVIRONMENT": "test"}, env_file=None).replace(**changes)
+    """Settings for tests that exercise generation: no cache, no rate limit (their own tests turn them on)."""
+    env = {"ENVIRONMENT": "test", "CACHE_MODE": "off", "RATE_LIMIT_ENABLED": "false"}
+    return Settings.from_env(env, env_file=None).replace(**changes)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"inference-test-{self.port}.log"
-        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "ENVIRONMENT": "test", **env}
+        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "ENVIRONMENT": "test",
+                    "CACHE_MODE": "off", "RATE_LIMIT_ENABLED": "false", **env}
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "inference", "--env-file", "/nonexistent"],

@@ -38,7 +38,7 @@ def test_environment_beats_dotenv_beats_defaults(tmp_path):
         ("MODEL_BACKEND", "pytorch", "one of: llama"),
         ("REDIS_URL", "localhost:6379", "redis://"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "http://"),
-        ("MODEL_PATH", "/no/such/model.gguf", "existing GGUF file"),
+        ("MODEL_PATH", "/no/such/model.gguf", "existing file"),
         ("MAX_BODY_BYTES", "10", ">= 1024"),
         ("SYSTEM_PROMPT", "  ", "not be empty"),
     ],

@@ -38,7 +38,7 @@ def test_index_health_ready_model(client):
     assert index["name"] == "inference" and index["environment"] == "test"
     assert index["links"]["docs"] == "/docs"
     assert client.get("/health").json() == {"status": "healthy"}
-    assert client.get("/ready").json() == {"status": "ready"}
+    assert client.get("/ready").json() == {"status": "ready", "store": "memory"}
     model = client.get("/api/v1/model").json()
     assert model["status"] == "ready"
     assert model["quantization"] == "Q4_1"

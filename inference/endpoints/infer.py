@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
-from ..http import ClientDisconnected, Request, Response, StreamingResponse, json_response, sse
+from ..http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
+from ..middleware.identity import client_id
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
 from ..service import Service, complete, engine_http_error
@@ -30,13 +31,14 @@ def routes(service: Service) -> list[Route]:
             model_version=info.revision,
         ))
 
-    async def events(generation: Generation) -> AsyncIterator[bytes]:
+    async def events(generation: Generation, outcome: StreamOutcome) -> AsyncIterator[bytes]:
         pieces: list[str] = []
         try:
             async for piece in generation:
                 pieces.append(piece)
                 yield sse({"text": piece}, event="token")
             if generation.finish_reason is not None:
+                outcome.complete = True
                 yield sse(result(generation, "".join(pieces)), event="done")
         except (EngineError, HTTPError) as exc:
             error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)
@@ -46,6 +48,13 @@ def routes(service: Service) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
+        info = service.model()
+        material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
+                    "system_prompt": settings.system_prompt, "body": asdict(body)}
+        deterministic = body.temperature == 0 or body.seed is not None
+        return await service.cache.serve(request, material, deterministic, lambda: answer(request, body))
+
+    async def answer(request: Request, body: InferRequest) -> Response:
         generation = await service.generate(
             GenerationRequest(
                 params=SamplingParams(
@@ -57,10 +66,12 @@ def routes(service: Service) -> list[Route]:
                 ),
                 messages=(ChatMessage("system", settings.system_prompt), ChatMessage("user", body.prompt)),
                 stream=body.stream,
-            )
+            ),
+            client=client_id(request.scope, settings.trusted_proxies),
         )
         if body.stream:
-            return StreamingResponse(events(generation), on_disconnect=generation.cancel)
+            outcome = StreamOutcome()
+            return StreamingResponse(events(generation, outcome), on_disconnect=generation.cancel, outcome=outcome)
         output = await complete(generation, request.receive)
         if output is None:
             raise ClientDisconnected()
@@ -71,6 +82,6 @@ def routes(service: Service) -> list[Route]:
             "POST", "/api/v1/infer", infer,
             summary="Answer one prompt with the model (stream: server-sent events token/done/error)",
             request_schema=InferRequest, response_schema=InferResponse,
-            errors=(400, 413, 422, 503), overrides=overrides,
+            errors=(400, 401, 413, 422, 429, 503), overrides=overrides, limited=True,
         ),
     ]

@@ -55,9 +55,14 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         return Response(HEALTHY)
 
     async def ready(request: Request) -> Response:
+        # The store's state is reported, never judged: a cache outage must not take every pod out of rotation.
+        store = service.store.state
+        if store == "down":
+            await service.store.ping()  # at most one probe a second (the store's own back-off)
+            store = service.store.state
         if service.ready:
-            return json_response({"status": "ready"})
-        body = asdict(ReadyResponse(status=service.state, reason=service.reason))
+            return json_response({"status": "ready", "store": store})
+        body = asdict(ReadyResponse(status=service.state, reason=service.reason, store=store))
         return json_response(body, status=503, headers={"Retry-After": "5"})
 
     async def model(request: Request) -> Response:

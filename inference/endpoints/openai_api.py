@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import asdict
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
-from ..http import SSE_DONE, ClientDisconnected, Request, Response, StreamingResponse, dump_json, json_response, sse
+from ..http import (
+    SSE_DONE,
+    ClientDisconnected,
+    Request,
+    Response,
+    StreamingResponse,
+    StreamOutcome,
+    dump_json,
+    json_response,
+    sse,
+)
+from ..middleware.identity import client_id
 from ..openai_schemas import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -66,17 +78,36 @@ def routes(service: Service) -> list[Route]:
             fit_context=max_tokens is None,
         )
 
+    def cached(
+        request: Request, raw: Any, body: SamplingFields, produce: Callable[[], Awaitable[Response]]
+    ) -> Awaitable[Response]:
+        info = service.model()
+        material = {"endpoint": request.scope["route"], "model": model_id(), "revision": info.revision,
+                    "body": {**(raw if isinstance(raw, dict) else {}), **asdict(body)}}
+        deterministic = body.temperature == 0 or body.seed is not None
+        return service.cache.serve(request, material, deterministic, produce)
+
+    async def generate(request: Request, generation_request: GenerationRequest) -> Generation:
+        return await service.generate(generation_request, client=client_id(request.scope, settings.trusted_proxies))
+
+    def streaming(generation: Generation, meta: _Meta, chat: bool, include_usage: bool) -> StreamingResponse:
+        outcome = StreamOutcome()
+        chunks = _stream(generation, meta, chat, include_usage, outcome)
+        return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
+
     async def chat_completions(request: Request) -> Response:
-        body = from_json(ChatCompletionRequest, await request.json(settings.max_body_bytes),
-                         overrides=limit, allow_unknown=True)
+        raw = await request.json(settings.max_body_bytes)
+        body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
         check_model(body.model)
+        return await cached(request, raw, body, lambda: chat_answer(request, body))
+
+    async def chat_answer(request: Request, body: ChatCompletionRequest) -> Response:
         messages = tuple(_chat_message(m) for m in body.messages)
         params = sampling(body, body.max_completion_tokens or body.max_tokens)
-        generation = await service.generate(GenerationRequest(params, messages=messages, stream=bool(body.stream)))
+        generation = await generate(request, GenerationRequest(params, messages=messages, stream=bool(body.stream)))
         meta = _Meta("chatcmpl", model_id(), service.engine.info.revision)
         if body.stream:
-            chunks = _stream(generation, meta, True, body.include_usage)
-            return StreamingResponse(chunks, on_disconnect=generation.cancel)
+            return streaming(generation, meta, True, body.include_usage)
         text = await _complete(generation, request)
         return json_response({
             **meta.head("chat.completion"),
@@ -86,20 +117,22 @@ def routes(service: Service) -> list[Route]:
         })
 
     async def completions(request: Request) -> Response:
-        body = from_json(CompletionRequest, await request.json(settings.max_body_bytes),
-                         overrides=limit, allow_unknown=True)
+        raw = await request.json(settings.max_body_bytes)
+        body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
         if body.echo:
             raise HTTPError(400, "unsupported_parameter", "echo=true is not supported", field="echo")
         if body.suffix is not None:
             raise HTTPError(400, "unsupported_parameter", "suffix is not supported", field="suffix")
         check_model(body.model)
+        return await cached(request, raw, body, lambda: text_answer(request, body))
+
+    async def text_answer(request: Request, body: CompletionRequest) -> Response:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         params = sampling(body, body.max_tokens or 16)  # OpenAI's default for completions is 16 tokens
-        generation = await service.generate(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)))
+        generation = await generate(request, GenerationRequest(params, prompt=prompt, stream=bool(body.stream)))
         meta = _Meta("cmpl", model_id(), service.engine.info.revision)
         if body.stream:
-            chunks = _stream(generation, meta, False, body.include_usage)
-            return StreamingResponse(chunks, on_disconnect=generation.cancel)
+            return streaming(generation, meta, False, body.include_usage)
         text = await _complete(generation, request)
         return json_response({
             **meta.head("text_completion"),
@@ -114,10 +147,10 @@ def routes(service: Service) -> list[Route]:
               response_schema=Model, errors=(404,)),
         Route("POST", "/v1/chat/completions", chat_completions, summary="OpenAI: chat completion (stream: SSE)",
               request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors,
-              overrides=limit, allow_unknown_fields=True),
+              overrides=limit, allow_unknown_fields=True, limited=True),
         Route("POST", "/v1/completions", completions, summary="OpenAI: text completion (stream: SSE)",
               request_schema=CompletionRequest, response_schema=Completion, errors=errors,
-              overrides=limit, allow_unknown_fields=True),
+              overrides=limit, allow_unknown_fields=True, limited=True),
     ]
 
 
@@ -163,7 +196,9 @@ class _Meta:
                 "system_fingerprint": self.fingerprint}
 
 
-async def _stream(generation: Generation, meta: _Meta, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome
+) -> AsyncIterator[bytes]:
     """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE].
 
     Every chunk repeats the same head; it is encoded once and each piece only adds its own JSON string.
@@ -186,6 +221,7 @@ async def _stream(generation: Generation, meta: _Meta, chat: bool, include_usage
         yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(generation.finish_reason) + b"}]}\n\n"
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(generation)})
+        outcome.complete = True
         yield SSE_DONE
     except (EngineError, HTTPError) as exc:
         error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)

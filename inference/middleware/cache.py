@@ -1,0 +1,144 @@
+"""Response caching for the inference routes, applied by their handlers once the request is validated.
+
+The key is a hash of the whole normalized request: the endpoint, the model and its revision, every field of
+the validated body with its defaults filled in, and any other field the client sent; a schema version
+prefix means a change of format never serves stale shapes. Cached values are the exact response bytes:
+b"J" + a JSON body, or b"S" + a server-sent event stream, replayed chunk by chunk. Only complete answers
+are stored. Concurrent identical misses in one process run the model once (single flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from ..config import Settings
+from ..errors import HTTPError
+from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
+from ..store.base import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = "v1"
+HEADER = "x-cache"
+JSON_ENTRY = b"J"
+STREAM_ENTRY = b"S"
+EVENT_END = b"\n\n"
+
+
+def _directives(request: Request) -> set[str]:
+    value = request.headers.get("cache-control", "")
+    return {part.strip().lower() for part in value.split(",") if part.strip()}
+
+
+class ResponseCache:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.ttl = settings.cache_ttl_seconds
+        self.mode = settings.cache_mode
+        self.prefix = f"{settings.redis_key_prefix}:cache:{KEY_VERSION}:"
+        self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+
+    def key(self, material: dict[str, Any]) -> str:
+        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return self.prefix + hashlib.sha256(canonical.encode()).hexdigest()
+
+    async def serve(
+        self,
+        request: Request,
+        material: dict[str, Any],
+        deterministic: bool,
+        produce: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """The cached response for `material`, or `produce()`'s, stored when complete. Sets X-Cache."""
+        directives = _directives(request)
+        if self.mode == "off" or "no-store" in directives or (self.mode == "deterministic" and not deterministic):
+            return await _labelled(produce, "BYPASS")
+        key = self.key(material)
+        if "no-cache" not in directives:
+            try:
+                cached = await self.store.cache_get(key)
+            except StoreUnavailable:
+                return await _labelled(produce, "BYPASS")
+            if cached is not None:
+                return replay(cached, "HIT")
+            leader = self._inflight.get(key)
+            if leader is not None:
+                shared = await asyncio.shield(leader)
+                if shared is not None:
+                    return replay(shared, "HIT")
+                # The leader's answer was cut short: produce our own, as a plain miss.
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        if key not in self._inflight:
+            self._inflight[key] = future
+        try:
+            response = await _labelled(produce, "MISS")
+        except BaseException:
+            self._settle(key, future, None)
+            raise
+        if isinstance(response, StreamingResponse):
+            response.chunks = self._recording(key, future, response.chunks, response.outcome)
+            return response
+        value = JSON_ENTRY + response.body if response.status == 200 else None
+        self._settle(key, future, value)
+        if value is not None:
+            await self._store(key, value)
+        return response
+
+    async def _recording(
+        self, key: str, future: asyncio.Future[bytes | None], inner: AsyncIterator[bytes], outcome: StreamOutcome
+    ) -> AsyncIterator[bytes]:
+        chunks: list[bytes] = []
+        value: bytes | None = None
+        try:
+            async for chunk in inner:
+                chunks.append(chunk)
+                yield chunk
+            if outcome.complete:
+                value = STREAM_ENTRY + b"".join(chunks)
+        finally:
+            self._settle(key, future, value)
+        if value is not None:
+            await self._store(key, value)
+
+    def _settle(self, key: str, future: asyncio.Future[bytes | None], value: bytes | None) -> None:
+        if self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.done():
+            future.set_result(value)
+
+    async def _store(self, key: str, value: bytes) -> None:
+        try:
+            await self.store.cache_set(key, value, self.ttl)
+        except StoreUnavailable:
+            pass  # the store logs the outage once; the answer was served anyway
+
+
+async def _labelled(produce: Callable[[], Awaitable[Response]], label: str) -> Response:
+    try:
+        response = await produce()
+    except HTTPError as exc:
+        exc.headers[HEADER] = label
+        raise
+    response.headers[HEADER] = label
+    return response
+
+
+def replay(value: bytes, label: str) -> Response:
+    """A response from a cached entry: the same JSON body, or the same stream of events."""
+    kind, body = value[:1], value[1:]
+    if kind == JSON_ENTRY:
+        return Response(body, media_type=JSON_TYPE, headers={HEADER: label})
+    return StreamingResponse(_events(body), headers={HEADER: label})
+
+
+async def _events(body: bytes) -> AsyncIterator[bytes]:
+    start = 0
+    while start < len(body):
+        end = body.find(EVENT_END, start)
+        end = len(body) if end < 0 else end + len(EVENT_END)
+        yield body[start:end]
+        start = end

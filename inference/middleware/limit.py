@@ -1,0 +1,63 @@
+"""Per-client rate limiting: one atomic store call per request, answered with draft-ietf-httpapi-ratelimit
+headers (RateLimit-Policy, RateLimit) and, when refused, 429 with Retry-After."""
+
+from __future__ import annotations
+
+import math
+
+from ..config import Settings
+from ..errors import HTTPError
+from ..http import ASGIApp, Message, Receive, Scope, Send
+from ..store.base import Decision, Policy, Store, StoreUnavailable
+from .identity import client_id
+
+POLICY_NAME = "per-client"
+
+
+def request_policy(settings: Settings) -> Policy:
+    return Policy(POLICY_NAME, settings.rate_limit_per_minute, 60, settings.burst)
+
+
+def rate_limit_headers(policy: Policy, decision: Decision) -> list[tuple[bytes, bytes]]:
+    seconds = math.ceil(decision.retry_after if not decision.allowed else decision.reset_after)
+    return [
+        (b"ratelimit-policy", f'"{policy.name}";q={policy.burst};w={policy.window}'.encode()),
+        (b"ratelimit", f'"{policy.name}";r={decision.remaining};t={seconds}'.encode()),
+    ]
+
+
+def limit(app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str]) -> ASGIApp:
+    """Count each request to `paths` against its client's budget in `store`."""
+    policy = request_policy(settings)
+    prefix = f"{settings.redis_key_prefix}:rl:"
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in paths:
+            await app(scope, receive, send)
+            return
+        client = client_id(scope, settings.trusted_proxies)
+        try:
+            decision = await store.acquire(prefix + client, policy)
+        except StoreUnavailable:
+            if settings.rate_limit_fail_open:
+                await app(scope, receive, send)
+                return
+            raise HTTPError(503, "rate_limiter_unavailable", "the rate limiter's store is unavailable; retry shortly",
+                            headers={"Retry-After": "1"}) from None
+        headers = rate_limit_headers(policy, decision)
+        if not decision.allowed:
+            retry_after = str(math.ceil(decision.retry_after))
+            raise HTTPError(
+                429, "rate_limited",
+                f"rate limit of {policy.limit} requests per minute exceeded; retry in {retry_after} s",
+                headers={"Retry-After": retry_after, **{k.decode(): v.decode() for k, v in headers}},
+            )
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return asgi
