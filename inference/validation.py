@@ -51,7 +51,26 @@ def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any, Spec], ...]:
 
 def _spec_for(name: str, base: Spec, overrides: Overrides) -> Spec:
     extra = overrides.get(name)
-    return dataclasses.replace(base, **extra) if extra else base
+    return _merged(base, tuple(extra.items())) if extra else base
+
+
+@cache
+def _merged(base: Spec, extra: tuple[tuple[str, Any], ...]) -> Spec:
+    return dataclasses.replace(base, **dict(extra))
+
+
+@cache
+def _names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f, _, _ in _fields(cls))
+
+
+def plain(value: Any) -> Any:
+    """A validated dataclass as plain JSON data (dataclasses.asdict without its deep copies)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f, _, _ in _fields(type(value))}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 class _Errors(list):
@@ -76,7 +95,7 @@ def _dataclass(cls: type, data: Any, path: str, errors: _Errors, overrides: Over
         return None
     known = _fields(cls)
     if not allow_unknown:
-        names = {f.name for f, _, _ in known}
+        names = _names(cls)
         for key in data:
             if key not in names:
                 errors.add(_join(path, key), "unknown field")

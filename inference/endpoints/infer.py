@@ -12,7 +12,7 @@ from ..middleware.identity import client_id
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
 from ..service import Service, complete, engine_http_error
-from ..validation import from_json
+from ..validation import from_json, plain
 
 
 def routes(service: Service) -> list[Route]:
@@ -50,7 +50,7 @@ def routes(service: Service) -> list[Route]:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
         info = service.model()
         material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
-                    "system_prompt": settings.system_prompt, "body": asdict(body)}
+                    "system_prompt": settings.system_prompt, "body": plain(body)}
         deterministic = body.temperature == 0 or body.seed is not None
         return await service.cache.serve(request, material, deterministic, lambda: answer(request, body))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
@@ -33,7 +32,7 @@ from ..openai_schemas import (
 )
 from ..router import Route
 from ..service import Service, complete, engine_http_error
-from ..validation import from_json
+from ..validation import from_json, plain
 
 OWNED_BY = "inference"
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's
@@ -83,7 +82,7 @@ def routes(service: Service) -> list[Route]:
     ) -> Awaitable[Response]:
         info = service.model()
         # Every field the client sent, known ones normalized, unset sampling fields as the values they mean.
-        normalized = {**(raw if isinstance(raw, dict) else {}), **asdict(body),
+        normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body),
                       "temperature": _or(body.temperature, DEFAULT_TEMPERATURE), "top_p": _or(body.top_p, 1.0)}
         material = {"endpoint": request.scope["route"], "model": model_id(), "revision": info.revision,
                     "body": normalized}

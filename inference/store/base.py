@@ -21,7 +21,8 @@ class Policy:
 
     @property
     def interval_us(self) -> int:
-        return self.window * 1_000_000 // self.limit
+        """Microseconds between two units at the sustained rate (at least 1)."""
+        return max(1, self.window * 1_000_000 // self.limit)
 
 
 @dataclass(frozen=True)

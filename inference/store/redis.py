@@ -39,7 +39,6 @@ class RedisStore:
         # register_script: EVALSHA on every call, loading the script again only if Redis lost it.
         self._gcra = self._client.register_script(_script("gcra.lua"))
         self._refund = self._client.register_script(_script("refund.lua"))
-        self._timeout = timeout
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._on_state = on_state
@@ -52,8 +51,8 @@ class RedisStore:
         if self._down_since is not None and time.monotonic() < self._retry_at:
             raise StoreUnavailable("redis is down")
         try:
-            # The socket timeout bounds each read; wait_for also bounds a connect that hangs in DNS or TCP.
-            result = await asyncio.wait_for(operation(), self._timeout * 2)
+            # redis-py bounds every connect (DNS included) and every read with the timeouts set above.
+            result = await operation()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._retry_at = time.monotonic() + RETRY_SECONDS
             if self._down_since is None:

@@ -30,6 +30,6 @@ if allow_at > now then
   return {0, remaining, allow_at - now, tat - now}
 end
 
-local expire_ms = math.ceil((new_tat - now) / 1000)
+local expire_ms = math.max(1, math.ceil((new_tat - now) / 1000))
 redis.call('SET', key, string.format('%.0f', new_tat), 'PX', expire_ms)
 return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}

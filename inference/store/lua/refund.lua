@@ -19,6 +19,6 @@ local new_tat = tat - interval * units
 if new_tat <= now then
   redis.call('DEL', key)
 else
-  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
 end
 return 1
