@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from .config import ConfigError, Settings
+from .logs import configure as configure_logging
 from .models import ModelUnavailable, pull
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
 
     try:
         if args.command == "pull":
@@ -57,6 +57,7 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=30,
         # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
         proxy_headers=False,
+        access_log=False,  # the service writes its own request log (middleware/metrics.py)
     )
     server = uvicorn.Server(config)
     server.run()

@@ -11,10 +11,13 @@ from .http import ASGIApp, Receive, Scope, Send
 from .middleware.auth import auth
 from .middleware.errors import errors
 from .middleware.limit import limit
+from .middleware.metrics import metrics as observe_metrics
+from .middleware.tracing import tracing as tracing_middleware
 from .router import Route, Router
 from .service import Service
 from .store.base import Store
 from .store.memory import MemoryStore
+from .telemetry import Metrics, create_tracing
 
 
 def create_engine(settings: Settings) -> Engine:
@@ -54,10 +57,16 @@ def build_app(
     on_fatal: Callable[[], None] | None = None,
 ) -> Application:
     """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
+    metrics = Metrics()
+    tracing = create_tracing(settings)
     service = Service(
         settings, engine if engine is not None else create_engine(settings),
         store if store is not None else create_store(settings),
-        owns_engine=engine is None, on_fatal=on_fatal,
+        metrics=metrics, tracing=tracing, owns_engine=engine is None, on_fatal=on_fatal,
+    )
+    metrics.watch(
+        queue_depth=lambda: service.engine.queue_depth,
+        redis_up=(lambda: float(service.store.state == "up")) if settings.redis_url else None,
     )
     routes: list[Route] = []
     routes += meta.routes(service, routes)
@@ -68,9 +77,11 @@ def build_app(
     # The request path, innermost first; read bottom-up it is the order a request meets them.
     app: ASGIApp = Router(routes)
     if settings.rate_limit_enabled:
-        app = limit(app, store=service.store, settings=settings, paths=limited)
+        app = limit(app, store=service.store, settings=settings, paths=limited, tracer=tracing.tracer)
     app = auth(app, keys=settings.all_api_keys)
-    app = errors(app)
+    app = observe_metrics(app, metrics=metrics, settings=settings)
+    app = tracing_middleware(app, tracer=tracing.tracer)
+    app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)
 
 

@@ -183,8 +183,12 @@ class Settings:
     api_keys_file: Path | None = None
     cache_mode: str = "all"
     cache_max_bytes: int = 64 * 1024 * 1024
+    log_format: str = "text"
+    log_prompts: bool = False
     otel_enabled: bool = True
     otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_protocol: str = "http/protobuf"
+    otel_service_name: str = "inference"
     model_backend: str = "llama"
     served_model_name: str | None = None
     upstream_url: str | None = None
@@ -268,8 +272,12 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "api_keys_file": _keys_file,
     "cache_mode": _choice(CACHE_MODES),
     "cache_max_bytes": _int(0),
+    "log_format": _choice(("text", "json")),
+    "log_prompts": _bool,
     "otel_enabled": _bool,
     "otel_exporter_otlp_endpoint": _url(("http", "https")),
+    "otel_exporter_otlp_protocol": _choice(("http/protobuf", "grpc")),
+    "otel_service_name": _text,
     "model_backend": _choice(MODEL_BACKENDS),
     "served_model_name": _optional_text,
     "upstream_url": _url(("http", "https")),

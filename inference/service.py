@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any, Callable
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 
 from .config import Settings
 from .engine.base import (
@@ -21,7 +25,9 @@ from .engine.base import (
     UpstreamError,
 )
 from .errors import HTTPError
-from .http import Receive
+from .http import Receive, Scope
+from .middleware.metrics import USAGE_KEY
+from .telemetry import Metrics, Tracing, exemplar
 from .middleware.cache import ResponseCache
 from .middleware.limit import rate_limit_headers
 from .store.base import Policy, Store, StoreUnavailable
@@ -40,13 +46,18 @@ class Service:
         engine: Engine,
         store: Store,
         *,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
         owns_engine: bool = True,
         on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
-        self.cache = ResponseCache(store, settings)
+        self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing(trace.NoOpTracer(), None)
+        self.tracer = self.tracing.tracer
+        self.cache = ResponseCache(store, settings, metrics=self.metrics, tracer=self.tracer)
         self.owns_engine = owns_engine
         self.on_fatal = on_fatal
         self.token_policy = (
@@ -75,6 +86,7 @@ class Service:
             return
         self.state, self.reason = "ready", None
         info = self.engine.info
+        self.metrics.model_info.labels(info.name, info.revision, info.backend).set(1)
         log.info(
             "ready: http://%s:%s serving %s (revision %s, %s)",
             _url_host(self.settings.host), self.settings.port, info.name, info.revision, info.backend,
@@ -87,6 +99,7 @@ class Service:
         if self.owns_engine:
             await self.engine.close()
         await self.store.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still batched
 
     @property
     def ready(self) -> bool:
@@ -101,20 +114,57 @@ class Service:
                             headers={"Retry-After": NOT_READY_RETRY_AFTER})
         return self.engine.info
 
-    async def generate(self, request: GenerationRequest, client: str | None = None) -> Generation:
-        """Start a generation, translating the engine's refusals into HTTP errors. With a token budget
-        (RATE_LIMIT_TOKENS_PER_MINUTE), `client` first reserves max_tokens; what is not generated is refunded."""
-        self.model()
+    async def generate(
+        self, request: GenerationRequest, client: str | None = None, scope: Scope | None = None
+    ) -> Generation:
+        """Start a generation, translating the engine's refusals into HTTP errors.
+
+        With a token budget (RATE_LIMIT_TOKENS_PER_MINUTE), `client` first reserves max_tokens; what is not
+        generated is refunded. The generation is traced and measured; its usage lands in `scope` at the end.
+        """
+        info = self.model()
         reserved = await self._reserve(request, client) if self.token_policy and client else 0
+        span = self.tracer.start_span(
+            f"{'chat' if request.messages is not None else 'text_completion'} {info.name}",
+            attributes=_generation_attributes(request, info),
+        )
+        started = time.perf_counter()
         try:
             generation = await self.engine.generate(request)
-        except EngineError as exc:
+        except BaseException as exc:
             self._refund(client, reserved)
-            raise engine_http_error(exc) from None
-        except BaseException:
-            self._refund(client, reserved)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.end()
+            if isinstance(exc, EngineError):
+                raise engine_http_error(exc) from None
             raise
-        return _Refunding(generation, lambda used: self._refund(client, reserved - used)) if reserved else generation
+
+        def finished(observed: "_Observed", error: BaseException | None) -> None:
+            self._refund(client, reserved - generation.completion_tokens)
+            self._record(observed, generation, span, started, error, scope)
+
+        return _Observed(generation, span, started, self.metrics, finished)
+
+    def _record(self, observed: "_Observed", generation: Generation, span: Span, started: float,
+                error: BaseException | None, scope: Scope | None) -> None:
+        now = time.perf_counter()
+        prompt, completion = generation.prompt_tokens, generation.completion_tokens
+        if scope is not None:
+            scope[USAGE_KEY] = {"prompt_tokens": prompt, "completion_tokens": completion}
+        self.metrics.tokens.labels("prompt").inc(prompt)
+        self.metrics.tokens.labels("completion").inc(completion)
+        example = exemplar()
+        self.metrics.generation.observe(now - started, example)
+        if observed.first_token is not None and completion > 1:
+            self.metrics.tpot.observe((now - observed.first_token) / (completion - 1), example)
+        span.set_attribute("gen_ai.usage.input_tokens", prompt)
+        span.set_attribute("gen_ai.usage.output_tokens", completion)
+        reason = generation.finish_reason
+        span.set_attribute("gen_ai.response.finish_reasons", (reason,) if reason else ("cancelled",))
+        if error is not None and not isinstance(error, (StopAsyncIteration, GeneratorExit)):
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
 
     async def _reserve(self, request: GenerationRequest, client: str) -> int:
         policy = self.token_policy
@@ -156,37 +206,47 @@ class Service:
             pass
 
 
-class _Refunding:
-    """A Generation that reports how many tokens it used once it ends, however it ends."""
+class _Observed:
+    """A Generation that is measured and traced: its first token, and its end however it ends."""
 
-    def __init__(self, inner: Generation, on_end: Callable[[int], None]) -> None:
+    def __init__(self, inner: Generation, span: Span, started: float, metrics: Metrics,
+                 on_end: Callable[["_Observed", BaseException | None], None]) -> None:
         self._inner = inner
-        self._on_end: Callable[[int], None] | None = on_end
+        self._span = span
+        self._started = started
+        self._metrics = metrics
+        self._on_end: Callable[[_Observed, BaseException | None], None] | None = on_end
+        self.first_token: float | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def __aiter__(self) -> "_Refunding":
+    def __aiter__(self) -> "_Observed":
         return self
 
     async def __anext__(self) -> str:
         try:
-            return await self._inner.__anext__()
-        except BaseException:
-            self._end()
+            piece = await self._inner.__anext__()
+        except BaseException as exc:
+            self._end(exc)
             raise
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self._metrics.ttft.observe(self.first_token - self._started, exemplar())
+            self._span.add_event("gen_ai.first_token")
+        return piece
 
     def cancel(self) -> None:
         self._inner.cancel()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
-        self._end()
+        self._end(None)
 
-    def _end(self) -> None:
+    def _end(self, error: BaseException | None) -> None:
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
-            on_end(self._inner.completion_tokens)
+            on_end(self, error)
 
 
 def engine_http_error(exc: EngineError) -> HTTPError:
@@ -227,3 +287,21 @@ async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> Non
 
 def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+
+
+def _generation_attributes(request: GenerationRequest, info: ModelInfo) -> dict[str, Any]:
+    """OpenTelemetry GenAI semantic-convention attributes of a generation's span."""
+    params = request.params
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if request.messages is not None else "text_completion",
+        "gen_ai.provider.name": info.backend,
+        "gen_ai.request.model": info.name,
+        "gen_ai.request.max_tokens": params.max_tokens,
+        "gen_ai.request.temperature": params.temperature,
+        "gen_ai.request.top_p": params.top_p,
+    }
+    if params.stop:
+        attributes["gen_ai.request.stop_sequences"] = params.stop
+    if params.seed is not None:
+        attributes["gen_ai.request.seed"] = params.seed
+    return attributes

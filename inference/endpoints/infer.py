@@ -9,6 +9,7 @@ from ..engine.base import ChatMessage, EngineError, Generation, GenerationReques
 from ..errors import HTTPError
 from ..http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
 from ..middleware.identity import client_id
+from ..middleware.metrics import PROMPT_KEY
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
 from ..service import Service, complete, engine_http_error
@@ -48,6 +49,8 @@ def routes(service: Service) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
+        if settings.log_prompts:
+            request.scope[PROMPT_KEY] = body.prompt
         info = service.model()
         material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
                     "system_prompt": settings.system_prompt, "body": plain(body)}
@@ -68,6 +71,7 @@ def routes(service: Service) -> list[Route]:
                 stream=body.stream,
             ),
             client=client_id(request.scope, settings.trusted_proxies),
+            scope=request.scope,
         )
         if body.stream:
             outcome = StreamOutcome()

@@ -7,6 +7,9 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import prometheus_client
+from prometheus_client.openmetrics import exposition as openmetrics
+
 from .. import SERVICE_NAME, __version__
 from ..errors import HTTPError
 from ..openapi import openapi_document
@@ -48,6 +51,7 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
             name=SERVICE_NAME, version=__version__, environment=settings.environment, model=model,
             links={"docs": "/docs", "openapi": "/openapi.json", "health": "/health", "ready": "/ready",
                    "model": "/api/v1/model", "infer": "/api/v1/infer", "playground": "/playground",
+                   "metrics": "/metrics",
                    "openai": "/v1"},
         )))
 
@@ -80,6 +84,15 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
     def openapi_body() -> bytes:
         return dump_json(openapi_document(documented))
 
+    async def metrics(request: Request) -> Response:
+        # OpenMetrics (with exemplars linking histogram buckets to traces) when the scraper asks for it.
+        accept = request.headers.get("accept", "")
+        if "application/openmetrics-text" in accept:
+            return Response(openmetrics.generate_latest(service.metrics.registry),
+                            media_type=openmetrics.CONTENT_TYPE_LATEST)
+        return Response(prometheus_client.generate_latest(service.metrics.registry),
+                        media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
     async def openapi_json(request: Request) -> Response:
         return Response(openapi_body())
 
@@ -103,6 +116,8 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         Route("GET", "/ready", ready, summary="Readiness: the model is loaded and work is accepted",
               response_schema=ReadyResponse, errors=(503,)),
         Route("GET", "/api/v1/model", model, summary="The served model", response_schema=ModelResponse, errors=(503,)),
+        Route("GET", "/metrics", metrics, summary="Prometheus metrics (OpenMetrics on request)",
+              media_type="text/plain"),
         Route("GET", "/openapi.json", openapi_json, summary="This document"),
         Route("GET", "/docs", docs, summary="Swagger UI", media_type="text/html"),
         Route("GET", "/playground", playground, summary="Chat with the model in the browser", media_type="text/html"),

@@ -20,6 +20,7 @@ from ..http import (
     sse,
 )
 from ..middleware.identity import client_id
+from ..middleware.metrics import PROMPT_KEY
 from ..openai_schemas import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -90,7 +91,14 @@ def routes(service: Service) -> list[Route]:
         return service.cache.serve(request, material, deterministic, produce)
 
     async def generate(request: Request, generation_request: GenerationRequest) -> Generation:
-        return await service.generate(generation_request, client=client_id(request.scope, settings.trusted_proxies))
+        if settings.log_prompts:
+            request.scope[PROMPT_KEY] = (
+                generation_request.prompt if generation_request.messages is None
+                else [{"role": m.role, "content": m.content} for m in generation_request.messages]
+            )
+        return await service.generate(
+            generation_request, client=client_id(request.scope, settings.trusted_proxies), scope=request.scope
+        )
 
     def streaming(generation: Generation, meta: _Meta, chat: bool, include_usage: bool) -> StreamingResponse:
         outcome = StreamOutcome()

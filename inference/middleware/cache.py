@@ -15,14 +15,18 @@ import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from opentelemetry import trace
+
 from ..config import Settings
 from ..errors import HTTPError
 from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
 from ..store.base import Store, StoreUnavailable
+from ..telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
+UNAVAILABLE = object()  # marker: the store could not be asked
 HEADER = "x-cache"
 JSON_ENTRY = b"J"
 STREAM_ENTRY = b"S"
@@ -35,8 +39,12 @@ def _directives(request: Request) -> set[str]:
 
 
 class ResponseCache:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, *, metrics: Metrics | None = None, tracer: trace.Tracer | None = None
+    ) -> None:
         self.store = store
+        self.metrics = metrics
+        self.tracer = tracer or trace.NoOpTracer()
         self.ttl = settings.cache_ttl_seconds
         self.mode = settings.cache_mode
         self.prefix = f"{settings.redis_key_prefix}:cache:{KEY_VERSION}:"
@@ -56,26 +64,32 @@ class ResponseCache:
         """The cached response for `material`, or `produce()`'s, stored when complete. Sets X-Cache."""
         directives = _directives(request)
         if self.mode == "off" or "no-store" in directives or (self.mode == "deterministic" and not deterministic):
-            return await _labelled(produce, "BYPASS")
+            return await self._labelled(produce, "BYPASS")
         key = self.key(material)
         if "no-cache" not in directives:
-            try:
-                cached = await self.store.cache_get(key)
-            except StoreUnavailable:
-                return await _labelled(produce, "BYPASS")
+            with self.tracer.start_as_current_span("cache lookup") as span:
+                try:
+                    cached = await self.store.cache_get(key)
+                except StoreUnavailable:
+                    span.set_attribute("inference.cache.result", "bypass")
+                    cached = UNAVAILABLE
+                else:
+                    span.set_attribute("inference.cache.result", "hit" if cached is not None else "miss")
+            if cached is UNAVAILABLE:
+                return await self._labelled(produce, "BYPASS")
             if cached is not None:
-                return replay(cached, "HIT")
+                return self._replay(cached)
             leader = self._inflight.get(key)
             if leader is not None:
                 shared = await asyncio.shield(leader)
                 if shared is not None:
-                    return replay(shared, "HIT")
+                    return self._replay(shared)
                 # The leader's answer was cut short: produce our own, as a plain miss.
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         if key not in self._inflight:
             self._inflight[key] = future
         try:
-            response = await _labelled(produce, "MISS")
+            response = await self._labelled(produce, "MISS")
         except BaseException:
             self._settle(key, future, None)
             raise
@@ -111,20 +125,29 @@ class ResponseCache:
             future.set_result(value)
 
     async def _store(self, key: str, value: bytes) -> None:
+        with self.tracer.start_as_current_span("cache store", attributes={"inference.cache.bytes": len(value)}):
+            try:
+                await self.store.cache_set(key, value, self.ttl)
+            except StoreUnavailable:
+                pass  # the store logs the outage once; the answer was served anyway
+
+    def _count(self, label: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache.labels(label.lower()).inc()
+
+    def _replay(self, value: bytes) -> Response:
+        self._count("HIT")
+        return replay(value, "HIT")
+
+    async def _labelled(self, produce: Callable[[], Awaitable[Response]], label: str) -> Response:
+        self._count(label)
         try:
-            await self.store.cache_set(key, value, self.ttl)
-        except StoreUnavailable:
-            pass  # the store logs the outage once; the answer was served anyway
-
-
-async def _labelled(produce: Callable[[], Awaitable[Response]], label: str) -> Response:
-    try:
-        response = await produce()
-    except HTTPError as exc:
-        exc.headers[HEADER] = label
-        raise
-    response.headers[HEADER] = label
-    return response
+            response = await produce()
+        except HTTPError as exc:
+            exc.headers[HEADER] = label
+            raise
+        response.headers[HEADER] = label
+        return response
 
 
 def replay(value: bytes, label: str) -> Response:

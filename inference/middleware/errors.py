@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from typing import Callable
 
 from ..errors import HTTPError
 from ..http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, error_response
@@ -24,7 +25,12 @@ def request_id_of(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def errors(app: ASGIApp) -> ASGIApp:
+def response_status(error: HTTPError, scope: Scope) -> int:
+    """The status `error` is answered with on this request's path (the OpenAI API says 400 for 422)."""
+    return error.openai_status if scope["path"].startswith(OPENAI_PREFIX) else error.status
+
+
+def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> ASGIApp:
     """Render HTTPError as its JSON body, any other exception as a logged 500; add X-Request-ID everywhere."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,11 +55,15 @@ def errors(app: ASGIApp) -> ASGIApp:
         except ClientDisconnected:
             return
         except HTTPError as exc:
+            if on_error is not None:
+                on_error(exc.code)
             if started:
                 log.warning("error after the response started (request %s): %s", request_id, exc)
                 return
             await error_response(exc, request_id, openai=openai)(scope, receive, send_with_id)
         except Exception:
+            if on_error is not None:
+                on_error("internal_error")
             log.exception("unhandled error (request %s, %s %s)", request_id, scope["method"], scope["path"])
             if not started:
                 error = HTTPError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from opentelemetry import trace
+
 from ..config import Settings
 from ..errors import HTTPError
 from ..http import ASGIApp, Message, Receive, Scope, Send
@@ -26,19 +28,27 @@ def rate_limit_headers(policy: Policy, decision: Decision) -> list[tuple[bytes, 
     ]
 
 
-def limit(app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str]) -> ASGIApp:
+def limit(
+    app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str], tracer: trace.Tracer | None = None
+) -> ASGIApp:
     """Count each request to `paths` against its client's budget in `store`."""
     policy = request_policy(settings)
     prefix = f"{settings.redis_key_prefix}:rl:"
+    spans = tracer or trace.NoOpTracer()
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in paths:
             await app(scope, receive, send)
             return
         client = client_id(scope, settings.trusted_proxies)
-        try:
-            decision = await store.acquire(prefix + client, policy)
-        except StoreUnavailable:
+        with spans.start_as_current_span("rate_limit") as span:
+            try:
+                decision: Decision | None = await store.acquire(prefix + client, policy)
+            except StoreUnavailable:
+                decision = None
+            span.set_attribute("inference.rate_limit.result",
+                               "unavailable" if decision is None else "allowed" if decision.allowed else "limited")
+        if decision is None:
             if settings.rate_limit_fail_open:
                 await app(scope, receive, send)
                 return

@@ -1,0 +1,96 @@
+"""Request metrics and the request log: both describe one finished request, so one middleware measures it.
+
+Labels use the route template the router put in the scope (`unmatched` for paths no route has), never the
+raw path. The log line is JSON with LOG_FORMAT=json, readable text otherwise; prompts appear only with
+LOG_PROMPTS=true (the handlers put them in the scope).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ..config import Settings
+from ..errors import HTTPError
+from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from ..telemetry import Metrics, exemplar, trace_id
+from .errors import response_status
+from .identity import CLIENT_KEY
+
+log = logging.getLogger("inference.access")
+
+UNMATCHED = "unmatched"
+CACHE_HEADER = b"x-cache"
+USAGE_KEY = "usage"  # scope key: {"prompt_tokens", "completion_tokens"} set when a generation ends
+PROMPT_KEY = "prompt"  # scope key: the prompt text, set by handlers only when LOG_PROMPTS=true
+
+
+def metrics(app: ASGIApp, *, metrics: Metrics, settings: Settings) -> ASGIApp:
+    as_json = settings.log_format == "json"
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        cache = None
+
+        async def send_watching(message: Message) -> None:
+            nonlocal status, cache
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == CACHE_HEADER:
+                        cache = value.decode()
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await app(scope, receive, send_watching)
+        except HTTPError as exc:
+            status = response_status(exc, scope)
+            cache = exc.headers.get("x-cache", cache)
+            raise
+        except ClientDisconnected:
+            status = 499  # nginx's "client closed request": nothing was answered
+            raise
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            route = scope.get("route", UNMATCHED)
+            method = scope["method"]
+            metrics.requests.labels(method, route, str(status)).inc()
+            metrics.duration.labels(method, route).observe(elapsed, exemplar())
+            if status == 429:
+                metrics.rate_limited.inc()
+            if log.isEnabledFor(logging.INFO):
+                _log(scope, method, route, status, elapsed, cache, as_json)
+
+    return asgi
+
+
+def _log(scope: Scope, method: str, route: str, status: int, elapsed: float, cache: str | None, as_json: bool) -> None:
+    usage = scope.get(USAGE_KEY) or {}
+    fields = {
+        "method": method,
+        "route": route,
+        "path": scope["path"],
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "client": scope.get(CLIENT_KEY) or (scope["client"][0] if scope.get("client") else None),
+        "cache": cache,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "request_id": scope.get("request_id"),
+        "trace_id": trace_id(),
+    }
+    if PROMPT_KEY in scope:
+        fields["prompt"] = scope[PROMPT_KEY]
+    if as_json:
+        log.info("request", extra={"fields": fields})
+        return
+    text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and (' ' in v or not v) else v}"
+                    for k, v in fields.items() if v is not None)
+    log.info("%s", text)

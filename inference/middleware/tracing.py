@@ -1,0 +1,79 @@
+"""A SERVER span per request, named "{METHOD} {route template}", joining the caller's trace (W3C traceparent)."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ..errors import HTTPError
+from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from .errors import response_status
+
+PROPAGATOR = TraceContextTextMapPropagator()
+CARRIED = {"traceparent", "tracestate"}
+
+
+def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
+    if isinstance(tracer, trace.NoOpTracer):
+        return app  # nothing is exported: no spans, no cost
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        carrier = {}
+        user_agent = None
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1")
+            if key in CARRIED:
+                carrier[key] = value.decode("latin-1")
+            elif key == "user-agent":
+                user_agent = value.decode("latin-1")
+        method = scope["method"]
+        attributes = {
+            "http.request.method": method,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+        }
+        if scope.get("client"):
+            attributes["client.address"] = scope["client"][0]
+        if scope.get("server"):
+            attributes["server.address"], attributes["server.port"] = scope["server"][0], scope["server"][1]
+        if user_agent:
+            attributes["user_agent.original"] = user_agent
+        context = PROPAGATOR.extract(carrier) if carrier else None
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER, attributes=attributes,
+                                          record_exception=False, set_status_on_exception=False) as span:
+            try:
+                await app(scope, receive, send_with_status)
+            except HTTPError as exc:
+                status = response_status(exc, scope)
+                raise
+            except ClientDisconnected:
+                status = 499
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                route = scope.get("route")
+                if route:
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if "request_id" in scope:
+                    span.set_attribute("http.request.header.x-request-id", (scope["request_id"],))
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+
+    return asgi
