@@ -75,11 +75,12 @@ def build_app(
     limited = frozenset(route.template for route in routes if route.limited)
 
     # The request path, innermost first; read bottom-up it is the order a request meets them.
-    app: ASGIApp = Router(routes)
+    router = Router(routes)
+    app: ASGIApp = router
     if settings.rate_limit_enabled:
         app = limit(app, store=service.store, settings=settings, paths=limited, tracer=tracing.tracer)
     app = auth(app, keys=settings.all_api_keys)
-    app = observe_metrics(app, metrics=metrics, settings=settings)
+    app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
     app = tracing_middleware(app, tracer=tracing.tracer)
     app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)

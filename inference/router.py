@@ -70,6 +70,11 @@ class Router:
                 return methods, found.groupdict()
         return None
 
+    def template_for(self, path: str) -> str | None:
+        """The template of the routes `path` belongs to (for labelling requests refused before routing)."""
+        found = self.match(path)
+        return next(iter(found[0].values())).template if found else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.match(scope["path"])
         if found is None:

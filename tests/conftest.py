@@ -294,3 +294,65 @@ class Running:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.app.service.stop()
+
+
+class OTLPReceiver:
+    """A real OTLP/HTTP trace endpoint (POST /v1/traces, protobuf), decoding what it gets with opentelemetry-proto."""
+
+    def __init__(self) -> None:
+        import gzip
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[Any] = []
+        self.received = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver.received:
+                    for resource_spans in request.resource_spans:
+                        for scope_spans in resource_spans.scope_spans:
+                            receiver.spans.extend((resource_spans.resource, span) for span in scope_spans.spans)
+                    receiver.received.notify_all()
+                payload = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, predicate: Any, timeout: float = 30) -> list[Any]:
+        """The spans received, once `predicate(spans)` holds (the exporter sends in batches)."""
+        with self.received:
+            if not self.received.wait_for(lambda: predicate([s for _, s in self.spans]), timeout=timeout):
+                raise AssertionError(f"spans never matched; got {[s.name for _, s in self.spans]}")
+            return [s for _, s in self.spans]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.stop()

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
 from ..http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
+from ..middleware.cache import labelled_errors
 from ..middleware.identity import client_id
 from ..middleware.metrics import PROMPT_KEY
 from ..router import Route
@@ -83,7 +84,7 @@ def routes(service: Service) -> list[Route]:
 
     return [
         Route(
-            "POST", "/api/v1/infer", infer,
+            "POST", "/api/v1/infer", labelled_errors(infer),
             summary="Answer one prompt with the model (stream: server-sent events token/done/error)",
             request_schema=InferRequest, response_schema=InferResponse,
             errors=(400, 401, 413, 422, 429, 503), overrides=overrides, limited=True,

@@ -19,6 +19,7 @@ from ..http import (
     json_response,
     sse,
 )
+from ..middleware.cache import labelled_errors
 from ..middleware.identity import client_id
 from ..middleware.metrics import PROMPT_KEY
 from ..openai_schemas import (
@@ -155,10 +156,10 @@ def routes(service: Service) -> list[Route]:
         Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",
               response_schema=Model, errors=(404,)),
-        Route("POST", "/v1/chat/completions", chat_completions, summary="OpenAI: chat completion (stream: SSE)",
+        Route("POST", "/v1/chat/completions", labelled_errors(chat_completions), summary="OpenAI: chat completion (stream: SSE)",
               request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors,
               overrides=limit, allow_unknown_fields=True, limited=True),
-        Route("POST", "/v1/completions", completions, summary="OpenAI: text completion (stream: SSE)",
+        Route("POST", "/v1/completions", labelled_errors(completions), summary="OpenAI: text completion (stream: SSE)",
               request_schema=CompletionRequest, response_schema=Completion, errors=errors,
               overrides=limit, allow_unknown_fields=True, limited=True),
     ]

@@ -150,6 +150,20 @@ class ResponseCache:
         return response
 
 
+def labelled_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An inference handler whose refusals before the cache is consulted (bad JSON, validation) say BYPASS."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            exc.headers.setdefault(HEADER, "BYPASS")
+            raise
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
 def replay(value: bytes, label: str) -> Response:
     """A response from a cached entry: the same JSON body, or the same stream of events."""
     kind, body = value[:1], value[1:]

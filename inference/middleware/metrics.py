@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Callable
 
 from ..config import Settings
 from ..errors import HTTPError
@@ -26,7 +27,10 @@ USAGE_KEY = "usage"  # scope key: {"prompt_tokens", "completion_tokens"} set whe
 PROMPT_KEY = "prompt"  # scope key: the prompt text, set by handlers only when LOG_PROMPTS=true
 
 
-def metrics(app: ASGIApp, *, metrics: Metrics, settings: Settings) -> ASGIApp:
+def metrics(
+    app: ASGIApp, *, metrics: Metrics, settings: Settings, route_of: Callable[[str], str | None] = lambda _: None
+) -> ASGIApp:
+    """`route_of` names the route of a request refused before the router saw it (401, 429)."""
     as_json = settings.log_format == "json"
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,7 +63,7 @@ def metrics(app: ASGIApp, *, metrics: Metrics, settings: Settings) -> ASGIApp:
         finally:
             metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            route = scope.get("route", UNMATCHED)
+            route = scope.get("route") or route_of(scope["path"]) or UNMATCHED
             method = scope["method"]
             metrics.requests.labels(method, route, str(status)).inc()
             metrics.duration.labels(method, route).observe(elapsed, exemplar())
