@@ -1,0 +1,99 @@
+"""Traces received by a real OTLP/HTTP endpoint in the test, decoded with opentelemetry-proto."""
+
+import asyncio
+import json
+
+from conftest import Running, base_settings, call_asgi
+
+from inference.app import build_app
+
+JSON = [("content-type", "application/json")]
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+def attributes(span):
+    out = {}
+    for kv in span.attributes:
+        v = kv.value
+        kind = v.WhichOneof("value")
+        out[kv.key] = list(x.string_value for x in v.array_value.values) if kind == "array_value" else getattr(v, kind)
+    return out
+
+
+def test_a_request_joins_the_callers_trace_with_child_spans_and_genai_attributes(engine, otlp, key_prefix):
+    settings = base_settings(otel_exporter_otlp_endpoint=otlp.url, rate_limit_enabled=True, cache_mode="all",
+                             redis_key_prefix=key_prefix)
+    app = build_app(settings, engine=engine)
+    body = json.dumps({"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 16}).encode()
+    traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+
+    async def scenario():
+        async with Running(app):
+            response = await call_asgi(app, "POST", "/api/v1/infer", body, [*JSON, ("traceparent", traceparent)])
+            untraced = await call_asgi(app, "GET", "/health")
+            # Leaving Running shuts the tracer provider down, which flushes the batch.
+        return response, untraced
+
+    response, untraced = asyncio.run(scenario())
+    assert response.status == 200
+    spans = otlp.wait_for(lambda spans: any(s.name == "POST /api/v1/infer" for s in spans))
+    mine = [s for s in spans if s.trace_id.hex() == CALLER_TRACE]
+    by_name = {s.name: s for s in mine}
+    server = by_name["POST /api/v1/infer"]
+    assert server.parent_span_id.hex() == CALLER_SPAN
+    assert server.kind == server.SPAN_KIND_SERVER
+    server_attributes = attributes(server)
+    assert server_attributes["http.route"] == "/api/v1/infer"
+    assert server_attributes["http.request.method"] == "POST"
+    assert server_attributes["http.response.status_code"] == 200
+    for child in ("rate_limit", "cache lookup", f"chat {engine.info.name}", "cache store"):
+        assert by_name[child].parent_span_id == server.span_id, child
+    generation = by_name[f"chat {engine.info.name}"]
+    gen_ai = attributes(generation)
+    answer = response.json()
+    assert gen_ai["gen_ai.request.model"] == engine.info.name
+    assert gen_ai["gen_ai.request.max_tokens"] == 16
+    assert gen_ai["gen_ai.request.temperature"] == 0.0
+    assert gen_ai["gen_ai.usage.input_tokens"] == answer["prompt_tokens"]
+    assert gen_ai["gen_ai.usage.output_tokens"] == answer["completion_tokens"]
+    assert gen_ai["gen_ai.response.finish_reasons"] == [answer["finish_reason"]]
+    assert [e.name for e in generation.events] == ["gen_ai.first_token"]
+    assert attributes(by_name["cache lookup"])["inference.cache.result"] == "miss"
+    # A request without traceparent starts a trace of its own.
+    health = [s for s in spans if s.name == "GET /health"]
+    assert len(health) == 1 and health[0].trace_id.hex() != CALLER_TRACE and not health[0].parent_span_id
+
+
+def test_errors_set_span_status_and_exemplars_link_metrics_to_traces(engine, otlp):
+    settings = base_settings(otel_exporter_otlp_endpoint=otlp.url)
+    app = build_app(settings, engine=engine)
+    body = json.dumps({"prompt": "word " * 2100, "max_tokens": 8}).encode()
+
+    async def scenario():
+        async with Running(app):
+            bad = await call_asgi(app, "POST", "/api/v1/infer", body, JSON)
+            ok = await call_asgi(app, "POST", "/api/v1/infer", b'{"prompt": "Hi", "max_tokens": 2}', JSON)
+            scraped = await call_asgi(app, "GET", "/metrics", headers=[("accept", "application/openmetrics-text")])
+        return bad, ok, scraped
+
+    bad, ok, scraped = asyncio.run(scenario())
+    assert bad.status == 400 and ok.status == 200
+    spans = otlp.wait_for(lambda spans: sum(s.name == "POST /api/v1/infer" for s in spans) == 2)
+    generations = [s for s in spans if s.name.startswith("chat ")]
+    failed = [s for s in generations if s.status.code == s.status.STATUS_CODE_ERROR]
+    assert len(failed) == 1 and "context" in failed[0].status.message
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    text = scraped.body.decode()
+    exemplar_lines = [line for line in text.splitlines() if "# {trace_id=" in line]
+    assert any(line.startswith("inference_http_request_duration_seconds_bucket") for line in exemplar_lines)
+    traced = {s.trace_id.hex() for s in spans}
+    assert any(line.split('trace_id="')[1][:32] in traced for line in exemplar_lines)
+
+
+def test_no_endpoint_no_spans_and_no_tracer_cost(engine):
+    from opentelemetry import trace
+
+    app = build_app(base_settings(otel_exporter_otlp_endpoint=None), engine=engine)
+    assert isinstance(app.service.tracer, trace.NoOpTracer)
+    assert app.service.tracing.provider is None
