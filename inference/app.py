@@ -80,7 +80,8 @@ def build_app(
     if settings.rate_limit_enabled:
         app = limit(app, store=service.store, settings=settings, paths=limited, tracer=tracing.tracer)
     app = auth(app, keys=settings.all_api_keys)
-    app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
+    app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for,
+                          traced=tracing.provider is not None)
     app = tracing_middleware(app, tracer=tracing.tracer)
     app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)

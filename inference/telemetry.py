@@ -75,6 +75,29 @@ class Metrics:
             self.redis_up.set_function(redis_up)
 
 
+class _NoSpan:
+    """Stands in for a span when nothing is traced: entering it and setting attributes cost nothing."""
+
+    def __enter__(self) -> "_NoSpan":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+
+NO_SPAN = _NoSpan()
+
+
+def span(tracer: trace.Tracer, name: str, **attributes: Any) -> Any:
+    """`tracer.start_as_current_span(name)`, or NO_SPAN when `tracer` records nothing (the hot path's case)."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return NO_SPAN
+    return tracer.start_as_current_span(name, attributes=attributes or None)
+
+
 def exemplar() -> dict[str, str] | None:
     """The current trace, to link a histogram bucket to it (OpenMetrics exemplars)."""
     context = trace.get_current_span().get_span_context()

@@ -64,13 +64,25 @@ def _names(cls: type) -> frozenset[str]:
     return frozenset(f.name for f, _, _ in _fields(cls))
 
 
+@cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+
+
 def plain(value: Any) -> Any:
     """A validated dataclass as plain JSON data (dataclasses.asdict without its deep copies)."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: plain(getattr(value, f.name)) for f, _, _ in _fields(type(value))}
-    if isinstance(value, list):
+    kind = type(value)
+    if kind in PLAIN_TYPES:
+        return value
+    if kind is list:
         return [plain(v) for v in value]
-    return value
+    names = _field_names(kind)
+    if names is None:
+        return value
+    return {name: plain(getattr(value, name)) for name in names}
+
+
+PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class _Errors(list):

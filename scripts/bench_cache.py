@@ -7,12 +7,15 @@ Starts a redis-server (Debian package `redis-server`) and `python -m inference` 
 ports, sends one request to fill the cache, then measures the same request with wrk: p50 at one connection and
 requests/s at --connections. The limit is set high enough never to refuse, so every request still pays for its
 rate-limit decision (one Lua script call) and its cache lookup (one GET): two Redis round trips.
+With --tracing every request is also traced (server, rate_limit and cache lookup spans), exported in batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import sys
 import urllib.request
 from pathlib import Path
@@ -23,18 +26,44 @@ from bench_gateway import free_port, serve, wait_ready, wrk  # noqa: E402
 BODY = {"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 24}
 
 
+def trace_sink() -> ThreadingHTTPServer:
+    """An OTLP/HTTP endpoint that accepts every batch of spans and drops it: tracing's cost is the service's."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--tracing", action="store_true", help="also export traces (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="trace requests, exported over OTLP/HTTP to a sink in this script")
+    parser.add_argument("--sample-ratio", type=float, default=1.0, help="with --tracing: the share of traces kept")
     args = parser.parse_args()
 
     redis_port, port = free_port(), free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
                              stdout=subprocess.DEVNULL)
-    service = serve(port, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", RATE_LIMIT_PER_MINUTE="1000000000",
-                    CACHE_MODE="all")
+    env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "RATE_LIMIT_PER_MINUTE": "1000000000", "CACHE_MODE": "all"}
+    sink = None
+    if args.tracing:
+        sink = trace_sink()
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.server_address[1]}"
+        if args.sample_ratio < 1:
+            env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(args.sample_ratio))
+    service = serve(port, **env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/ready")
         url = f"http://127.0.0.1:{port}/api/v1/infer"
@@ -48,7 +77,8 @@ def main() -> None:
         wrk(url, 4, 2, BODY)  # warm-up
         rps1, p50 = wrk(url, 1, args.seconds, BODY)
         rps, p50n = wrk(url, args.connections, args.seconds, BODY)
-        print("cache hits, Redis and rate limiter on, one worker:")
+        tracing = f"on, {args.sample_ratio:.0%} sampled" if args.tracing else "off"
+        print(f"cache hits, Redis and rate limiter on, tracing {tracing}, one worker:")
         print(f"  1 connection: p50 {p50:.3f} ms ({rps1:.0f} req/s)")
         print(f"  {args.connections} connections: {rps:.0f} req/s (p50 {p50n:.1f} ms)")
     finally:
@@ -56,6 +86,8 @@ def main() -> None:
         service.wait()
         redis.terminate()
         redis.wait()
+        if sink is not None:
+            sink.shutdown()
 
 
 if __name__ == "__main__":

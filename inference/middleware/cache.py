@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import HTTPError
 from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
 from ..store.base import Store, StoreUnavailable
-from ..telemetry import Metrics
+from ..telemetry import Metrics, span
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ class ResponseCache:
             return await self._labelled(produce, "BYPASS")
         key = self.key(material)
         if "no-cache" not in directives:
-            with self.tracer.start_as_current_span("cache lookup") as span:
+            with span(self.tracer, "cache lookup") as lookup:
                 try:
                     cached = await self.store.cache_get(key)
                 except StoreUnavailable:
-                    span.set_attribute("inference.cache.result", "bypass")
+                    lookup.set_attribute("inference.cache.result", "bypass")
                     cached = UNAVAILABLE
                 else:
-                    span.set_attribute("inference.cache.result", "hit" if cached is not None else "miss")
+                    lookup.set_attribute("inference.cache.result", "hit" if cached is not None else "miss")
             if cached is UNAVAILABLE:
                 return await self._labelled(produce, "BYPASS")
             if cached is not None:
@@ -125,7 +125,7 @@ class ResponseCache:
             future.set_result(value)
 
     async def _store(self, key: str, value: bytes) -> None:
-        with self.tracer.start_as_current_span("cache store", attributes={"inference.cache.bytes": len(value)}):
+        with span(self.tracer, "cache store", **{"inference.cache.bytes": len(value)}):
             try:
                 await self.store.cache_set(key, value, self.ttl)
             except StoreUnavailable:

@@ -11,9 +11,11 @@ from ..config import Settings
 from ..errors import HTTPError
 from ..http import ASGIApp, Message, Receive, Scope, Send
 from ..store.base import Decision, Policy, Store, StoreUnavailable
+from ..telemetry import span
 from .identity import client_id
 
 POLICY_NAME = "per-client"
+NO_TRACER = trace.NoOpTracer()
 
 
 def request_policy(settings: Settings) -> Policy:
@@ -29,24 +31,23 @@ def rate_limit_headers(policy: Policy, decision: Decision) -> list[tuple[bytes, 
 
 
 def limit(
-    app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str], tracer: trace.Tracer | None = None
+    app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str], tracer: trace.Tracer = NO_TRACER
 ) -> ASGIApp:
     """Count each request to `paths` against its client's budget in `store`."""
     policy = request_policy(settings)
     prefix = f"{settings.redis_key_prefix}:rl:"
-    spans = tracer or trace.NoOpTracer()
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in paths:
             await app(scope, receive, send)
             return
         client = client_id(scope, settings.trusted_proxies)
-        with spans.start_as_current_span("rate_limit") as span:
+        with span(tracer, "rate_limit") as decided:
             try:
                 decision: Decision | None = await store.acquire(prefix + client, policy)
             except StoreUnavailable:
                 decision = None
-            span.set_attribute("inference.rate_limit.result",
+            decided.set_attribute("inference.rate_limit.result",
                                "unavailable" if decision is None else "allowed" if decision.allowed else "limited")
         if decision is None:
             if settings.rate_limit_fail_open:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import HTTPError
@@ -28,10 +28,31 @@ PROMPT_KEY = "prompt"  # scope key: the prompt text, set by handlers only when L
 
 
 def metrics(
-    app: ASGIApp, *, metrics: Metrics, settings: Settings, route_of: Callable[[str], str | None] = lambda _: None
+    app: ASGIApp,
+    *,
+    metrics: Metrics,
+    settings: Settings,
+    route_of: Callable[[str], str | None] = lambda _: None,
+    traced: bool = False,
 ) -> ASGIApp:
-    """`route_of` names the route of a request refused before the router saw it (401, 429)."""
+    """`route_of` names the route of a request refused before the router saw it (401, 429); with `traced`,
+    durations carry the trace as an exemplar."""
     as_json = settings.log_format == "json"
+    # prometheus-client's labels() takes a lock and builds a key each call; the children are few, keep them.
+    counted: dict[tuple[str, str, int], Any] = {}
+    timed: dict[tuple[str, str], Any] = {}
+
+    def count(method: str, route: str, status: int) -> Any:
+        child = counted.get((method, route, status))
+        if child is None:
+            child = counted[method, route, status] = metrics.requests.labels(method, route, str(status))
+        return child
+
+    def timer(method: str, route: str) -> Any:
+        child = timed.get((method, route))
+        if child is None:
+            child = timed[method, route] = metrics.duration.labels(method, route)
+        return child
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,8 +86,8 @@ def metrics(
             elapsed = time.perf_counter() - start
             route = scope.get("route") or route_of(scope["path"]) or UNMATCHED
             method = scope["method"]
-            metrics.requests.labels(method, route, str(status)).inc()
-            metrics.duration.labels(method, route).observe(elapsed, exemplar())
+            count(method, route, status).inc()
+            timer(method, route).observe(elapsed, exemplar() if traced else None)
             if status == 429:
                 metrics.rate_limited.inc()
             if log.isEnabledFor(logging.INFO):
