@@ -3,17 +3,10 @@
 import asyncio
 import json
 
-from conftest import base_settings
+from conftest import Running, base_settings
 
 from inference.app import build_app
 from inference.engine.base import GenerationRequest, SamplingParams
-
-
-async def started(app):
-    """Run the app's lifespan startup and wait until the model is ready."""
-    app.service.start()
-    while not app.service.ready:
-        await asyncio.sleep(0)  # the engine is already loaded: readiness is one task step away
 
 
 def test_client_that_disconnects_stops_generation_within_a_few_tokens(engine):
@@ -22,7 +15,10 @@ def test_client_that_disconnects_stops_generation_within_a_few_tokens(engine):
     sent = []
 
     async def scenario():
-        await started(app)
+        async with Running(app):
+            return await hang_up_midway()
+
+    async def hang_up_midway():
         messages = [{"type": "http.request", "body": body, "more_body": False}]
         gone = asyncio.Event()
 
