@@ -68,8 +68,8 @@ class ChatCompletionRequest(SamplingFields):
 @dataclass(frozen=True, kw_only=True)
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = field(metadata=spec(min_items=1, max_items=1, description="One prompt."))
-    echo: bool | None = field(default=False, metadata=spec(description="Only false is supported."))
-    suffix: str | None = field(default=None, metadata=spec(description="Not supported; must be null."))
+    echo: Literal[False] | None = field(default=False, metadata=spec(description="Only false is supported."))
+    suffix: str | None = field(default=None, metadata=spec(max_length=0, description="Not supported: null or empty."))
 
 
 # Response shapes, for the OpenAPI document (handlers build the dicts directly: this is the hot path).

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import SERVICE_NAME, __version__
 from .router import PARAM, Route
+from .openai_schemas import OpenAIError
 from .schemas import ErrorResponse
 from .validation import json_schema
 
@@ -27,7 +28,8 @@ ERROR_DESCRIPTIONS = {
 
 def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[str, Any]:
     components: dict[str, Any] = {}
-    error_ref = json_schema(ErrorResponse, components)
+    native_error = json_schema(ErrorResponse, components)
+    openai_error = json_schema(OpenAIError, components)
     paths: dict[str, Any] = {}
     for route in routes:
         if not route.include_in_schema:
@@ -51,7 +53,18 @@ def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[
             ok["content"] = {route.media_type: {"schema": json_schema(route.response_schema, components)}}
         elif route.media_type != "application/json":
             ok["content"] = {route.media_type: {"schema": {"type": "string"}}}
+        if route.streams:
+            ok.setdefault("content", {})["text/event-stream"] = {
+                "schema": {
+                    "type": "object",
+                    "description": "One server-sent event (when the request sets stream): its data is JSON, "
+                                   "or [DONE] last on /v1",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
         responses: dict[str, Any] = {"200": ok}
+        error_ref = openai_error if route.template.startswith("/v1/") else native_error
         for status in route.errors:
             responses[str(status)] = {
                 "description": ERROR_DESCRIPTIONS[status],

@@ -27,6 +27,7 @@ class Route:
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allow_unknown_fields: bool = False
     limited: bool = False  # counted by the rate limiter (the inference endpoints)
+    streams: bool = False  # answers text/event-stream when the request asks for "stream": true
     media_type: str = "application/json"
     include_in_schema: bool = True
 

@@ -254,7 +254,7 @@ def engine_http_error(exc: EngineError) -> HTTPError:
     if isinstance(exc, ContextLengthExceeded):
         return HTTPError(400, "context_length_exceeded", str(exc), field="prompt")
     if isinstance(exc, InvalidPrompt):
-        return HTTPError(400, "invalid_prompt", str(exc), field="messages")
+        return HTTPError(400, "invalid_prompt", str(exc), field=exc.field)
     if isinstance(exc, EngineOverloaded):
         return HTTPError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineNotReady):

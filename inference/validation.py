@@ -8,6 +8,7 @@ same rules for /openapi.json, so the documentation cannot drift from what is enf
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def _convert(hint: Any, value: Any, path: str, errors: _Errors, overrides: Overr
     if origin is Literal:
         allowed = options
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            errors.add(path, "must be one of: " + ", ".join(map(str, allowed)))
+            errors.add(path, "must be " + " or ".join(json.dumps(a) for a in allowed))
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -235,7 +236,8 @@ def _check(value: Any, rule: Spec, path: str, errors: _Errors) -> None:
         if rule.min_length is not None and len(value) < rule.min_length:
             errors.add(path, "must not be empty" if rule.min_length == 1 else f"needs at least {rule.min_length} characters")
         if rule.max_length is not None and len(value) > rule.max_length:
-            errors.add(path, f"must be at most {rule.max_length} characters")
+            errors.add(path, "must be empty (not supported)" if rule.max_length == 0
+                       else f"must be at most {rule.max_length} characters")
     if isinstance(value, list):
         if rule.min_items is not None and len(value) < rule.min_items:
             errors.add(path, f"needs at least {rule.min_items} item(s)")
@@ -299,7 +301,8 @@ def _type_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
         return schema
     if origin is Literal:
         values = list(typing.get_args(hint))
-        return {"type": "string" if isinstance(values[0], str) else "integer", "enum": values}
+        kind = "boolean" if isinstance(values[0], bool) else "string" if isinstance(values[0], str) else "integer"
+        return {"type": kind, "enum": values}
     if origin is list:
         return {"type": "array", "items": _type_schema(typing.get_args(hint)[0], components)}
     if origin is dict:

@@ -207,3 +207,14 @@ def test_client_gone_while_waiting_for_a_whole_answer_frees_the_engine(live, mod
             time.sleep(0.01)  # the model's progress lives in another thread
     produced = engine_quiet(engine) - before
     assert produced < 30, f"{produced} tokens were generated for a client that left after 5"
+
+
+def test_an_empty_completion_prompt_starts_from_the_beginning_of_sequence(openai_client, model_id):
+    reply = openai_client.completions.create(model=model_id, prompt="", max_tokens=3, temperature=0)
+    assert reply.usage.prompt_tokens == 1 and reply.usage.completion_tokens >= 1
+
+
+def test_completions_rejects_a_suffix(openai_client, model_id):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.completions.create(model=model_id, prompt="x", suffix="y")
+    assert err.value.body["param"] == "suffix"

@@ -130,10 +130,6 @@ def routes(service: Service) -> list[Route]:
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
-        if body.echo:
-            raise HTTPError(400, "unsupported_parameter", "echo=true is not supported", field="echo")
-        if body.suffix is not None:
-            raise HTTPError(400, "unsupported_parameter", "suffix is not supported", field="suffix")
         check_model(body.model)
         return await cached(request, raw, body, lambda: text_answer(request, body))
 
@@ -157,10 +153,10 @@ def routes(service: Service) -> list[Route]:
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",
               response_schema=Model, errors=(404,)),
         Route("POST", "/v1/chat/completions", labelled_errors(chat_completions), summary="OpenAI: chat completion (stream: SSE)",
-              request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors,
+              request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors, streams=True,
               overrides=limit, allow_unknown_fields=True, limited=True),
         Route("POST", "/v1/completions", labelled_errors(completions), summary="OpenAI: text completion (stream: SSE)",
-              request_schema=CompletionRequest, response_schema=Completion, errors=errors,
+              request_schema=CompletionRequest, response_schema=Completion, errors=errors, streams=True,
               overrides=limit, allow_unknown_fields=True, limited=True),
     ]
 

@@ -72,6 +72,10 @@ class ContextLengthExceeded(EngineError):
 class InvalidPrompt(EngineError):
     """The request cannot be turned into a prompt (e.g. the chat template rejects the messages)."""
 
+    def __init__(self, message: str, field: str = "messages") -> None:
+        super().__init__(message)
+        self.field = field
+
 
 class EngineOverloaded(EngineError):
     """Too many requests are already waiting; the caller should retry later."""

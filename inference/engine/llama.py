@@ -231,6 +231,11 @@ class LlamaEngine:
             tokens = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
         else:
             tokens = llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
+            if not tokens:  # an empty prompt for a model that adds no BOS: start from BOS, as OpenAI allows ""
+                bos = llm.token_bos()
+                if bos < 0:
+                    raise InvalidPrompt("the prompt is empty and this model has no beginning-of-sequence token", "prompt")
+                tokens = [bos]
         max_tokens = request.params.max_tokens
         if len(tokens) + max_tokens > self.n_ctx:
             if not request.params.fit_context or len(tokens) >= self.n_ctx:
