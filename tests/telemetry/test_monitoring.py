@@ -99,3 +99,9 @@ def test_promtool_accepts_the_rules_and_every_dashboard_expression(tmp_path):
     rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     result = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_lists_exactly_the_exported_metrics(exported):
+    table = (ROOT / "README.md").read_text().split("### Metrics", 1)[1].split("###", 1)[0]
+    listed = {family_of(name) for name in re.findall(r"^\| `(inference_[a-z_]+)`", table, re.MULTILINE)}
+    assert listed == {family_of(name) for name in exported}
