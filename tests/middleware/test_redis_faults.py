@@ -87,3 +87,27 @@ def test_unreachable_redis_at_start_still_serves(engine, key_prefix):
     results = asyncio.run(scenario())
     assert [r.status for r in results] == [200] * 3
     assert {r.headers["x-cache"] for r in results} == {"BYPASS"}
+
+
+def test_a_slow_redis_counts_as_down_and_costs_at_most_its_timeout(engine, key_prefix, redis_server):
+    import redis as redis_client
+
+    settings = base_settings(redis_url=redis_server.url, redis_key_prefix=key_prefix, cache_mode="all",
+                             rate_limit_enabled=True, redis_timeout_ms=100)
+    admin = redis_client.Redis(port=redis_server.port)
+
+    async def scenario():
+        async with Running(build_app(settings, engine=engine)) as app:
+            await call_asgi(app, "POST", "/api/v1/infer", ask("Hi"), JSON)
+            admin.execute_command("CLIENT", "PAUSE", 3000, "ALL")  # Redis answers nothing for 3 s
+            during = [await call_asgi(app, "POST", "/api/v1/infer", ask("Hi"), JSON) for _ in range(3)]
+            state = app.service.store.state
+            admin.execute_command("CLIENT", "UNPAUSE")
+            return during, state
+
+    during, state = asyncio.run(scenario())
+    admin.close()
+    assert [r.status for r in during] == [200, 200, 200]
+    assert {r.headers["x-cache"] for r in during} == {"BYPASS"}
+    # Had the timeout not fired, the first lookup would have waited out the pause and then hit the cache.
+    assert state == "down"

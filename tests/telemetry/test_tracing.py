@@ -97,3 +97,35 @@ def test_no_endpoint_no_spans_and_no_tracer_cost(engine):
     app = build_app(base_settings(otel_exporter_otlp_endpoint=None), engine=engine)
     assert isinstance(app.service.tracer, trace.NoOpTracer)
     assert app.service.tracing.provider is None
+
+
+def test_grpc_protocol_exports_to_a_grpc_collector(engine):
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802 (the generated service's naming)
+            received.extend(s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        settings = base_settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{port}",
+                                 otel_exporter_otlp_protocol="grpc")
+        app = build_app(settings, engine=engine)
+
+        async def scenario():
+            async with Running(app):  # leaving it flushes the batch to the collector
+                return await call_asgi(app, "GET", "/health")
+
+        assert asyncio.run(scenario()).status == 200
+    finally:
+        server.stop(grace=None)
+    assert "GET /health" in received
