@@ -42,6 +42,7 @@ def spec(**kwargs: Any) -> dict[str, Spec]:
 # Overrides let limits that come from settings (e.g. MAX_TOKENS_LIMIT) tighten a field at run time:
 # {"max_tokens": {"le": 512}}. The same overrides feed validation and the OpenAPI document.
 Overrides = Mapping[str, Mapping[str, Any]]
+NO_OVERRIDES: Overrides = types.MappingProxyType({})
 
 
 @cache
@@ -91,7 +92,7 @@ class _Errors(list):
         self.append({"field": path, "message": message})
 
 
-def from_json(cls: type[T], data: Any, *, overrides: Overrides = {}, allow_unknown: bool = False) -> T:
+def from_json(cls: type[T], data: Any, *, overrides: Overrides = NO_OVERRIDES, allow_unknown: bool = False) -> T:
     """Validate parsed JSON against dataclass `cls`; HTTPError(422) names each field that is wrong."""
     errors = _Errors()
     value = _dataclass(cls, data, "", errors, overrides, allow_unknown)
@@ -257,7 +258,7 @@ def _num(x: float) -> str:
 
 
 def json_schema(
-    cls: type, components: dict[str, Any], overrides: Overrides = {}, *, closed: bool = False
+    cls: type, components: dict[str, Any], overrides: Overrides = NO_OVERRIDES, *, closed: bool = False
 ) -> dict[str, Any]:
     """Register `cls` (and the dataclasses it uses) in `components`; return a $ref to it.
     `closed` documents that unknown fields are rejected (from_json without allow_unknown)."""

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import threading
-import time
 
 import httpx
 import pytest

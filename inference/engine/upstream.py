@@ -33,7 +33,8 @@ def _aiohttp() -> Any:
     try:
         import aiohttp
     except ImportError:  # pragma: no cover - depends on the install
-        raise UpstreamError(500, "missing_dependency", "MODEL_BACKEND=openai needs aiohttp: pip install 'inference[upstream]'")
+        raise UpstreamError(500, "missing_dependency",
+                            "MODEL_BACKEND=openai needs aiohttp: pip install 'inference[upstream]'") from None
     return aiohttp
 
 

@@ -21,6 +21,7 @@ from .base import Decision, Policy, StoreUnavailable
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
+MIN_CONNECT_TIMEOUT = 1.0
 MAX_CONNECTIONS = 64
 T = TypeVar("T")
 
@@ -33,8 +34,10 @@ class RedisStore:
     def __init__(self, url: str, *, timeout: float = 0.2, on_state: Callable[[bool], None] | None = None) -> None:
         self.url = url
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=MAX_CONNECTIONS,
-            retry_on_timeout=False,
+            url, socket_timeout=timeout, max_connections=MAX_CONNECTIONS, retry_on_timeout=False,
+            # New connections come in bursts (a cold pool meeting concurrent requests) on a busy event loop:
+            # give connecting more room than a command, so a burst is not mistaken for an outage.
+            socket_connect_timeout=max(timeout, MIN_CONNECT_TIMEOUT),
         )
         # register_script: EVALSHA on every call, loading the script again only if Redis lost it.
         self._gcra = self._client.register_script(_script("gcra.lua"))

@@ -1,10 +1,8 @@
 """The upstream backend end to end: `python -m inference` with MODEL_BACKEND=openai in front of a second
 instance of this service (a real OpenAI-compatible server running the embedded model)."""
 
-import json
 import socket
 import threading
-import time
 
 import httpx
 import openai

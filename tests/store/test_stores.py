@@ -13,8 +13,10 @@ PER_MINUTE = Policy("test", limit=10, window=60, burst=10)
 
 @pytest.fixture(params=["memory", "redis"])
 def make_store(request, redis_server):
+    # These tests are about the arithmetic: a generous timeout, so that 40 connections opened at once on a busy
+    # machine are not mistaken for an outage (the outage tests below use short ones).
     def make():
-        return MemoryStore() if request.param == "memory" else RedisStore(redis_server.url)
+        return MemoryStore() if request.param == "memory" else RedisStore(redis_server.url, timeout=5)
 
     return make
 
@@ -26,9 +28,10 @@ def run(coro):
 def test_exactly_the_burst_passes_when_many_arrive_at_once(make_store, key_prefix):
     async def scenario():
         store = make_store()
-        decisions = await asyncio.gather(*[store.acquire(f"{key_prefix}:rl:c", PER_MINUTE) for _ in range(40)])
-        await store.close()
-        return decisions
+        try:
+            return await asyncio.gather(*[store.acquire(f"{key_prefix}:rl:c", PER_MINUTE) for _ in range(40)])
+        finally:
+            await store.close()
 
     decisions = run(scenario())
     allowed = [d for d in decisions if d.allowed]
@@ -88,7 +91,7 @@ def test_redis_writes_carry_their_ttl(redis_server, key_prefix):
     import redis
 
     async def scenario():
-        store = RedisStore(redis_server.url)
+        store = RedisStore(redis_server.url, timeout=5)
         await store.acquire(f"{key_prefix}:rl:c", PER_MINUTE)
         await store.cache_set(f"{key_prefix}:cache:v1:x", b"J1", 60)
         await store.close()
