@@ -14,7 +14,7 @@ JSON = [("content-type", "application/json")]
 @pytest.fixture(params=["redis", "memory"])
 def cache_settings(request, redis_server, key_prefix):
     redis_url = redis_server.url if request.param == "redis" else None
-    return lambda **changes: base_settings(**{"cache_mode": "all", "redis_url": redis_url,
+    return lambda **changes: base_settings(**{"cache_mode": "all", "redis_url": redis_url, "redis_timeout_ms": 2000,
                                               "redis_key_prefix": key_prefix, **changes})
 
 

@@ -15,7 +15,9 @@ JSON = [("content-type", "application/json")]
 
 
 def limited_settings(redis_server, key_prefix, **changes):
-    return base_settings(rate_limit_enabled=True, redis_url=redis_server.url, redis_key_prefix=key_prefix, **changes)
+    # A generous timeout: these tests are about counting, and a slow moment on a busy machine must not fail open.
+    return base_settings(rate_limit_enabled=True, redis_url=redis_server.url, redis_key_prefix=key_prefix,
+                         redis_timeout_ms=2000, **changes)
 
 
 def test_two_replicas_sharing_redis_let_exactly_the_limit_through(engine, redis_server, key_prefix):

@@ -39,7 +39,7 @@ def value(samples, name, **labels):
 
 def test_metrics_move_with_real_requests(engine, redis_server, key_prefix):
     settings = base_settings(redis_url=redis_server.url, redis_key_prefix=key_prefix, cache_mode="all",
-                             rate_limit_enabled=True, rate_limit_per_minute=4)
+                             redis_timeout_ms=2000, rate_limit_enabled=True, rate_limit_per_minute=4)
     app = build_app(settings, engine=engine)
     body = json.dumps({"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 16}).encode()
 
