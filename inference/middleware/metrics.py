@@ -104,7 +104,7 @@ def _log(scope: Scope, method: str, route: str, status: int, elapsed: float, cac
         "path": scope["path"],
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
-        "client": scope.get(CLIENT_KEY) or (scope["client"][0] if scope.get("client") else None),
+        "client": scope.get(CLIENT_KEY) or ("ip:" + scope["client"][0] if scope.get("client") else None),
         "cache": cache,
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
