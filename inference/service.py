@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any, Callable
 
@@ -26,11 +25,11 @@ from .engine.base import (
 )
 from .errors import HTTPError
 from .http import Receive, Scope
-from .middleware.metrics import USAGE_KEY
-from .telemetry import Metrics, Tracing, exemplar
 from .middleware.cache import ResponseCache
-from .middleware.limit import rate_limit_headers
+from .middleware.limit import refusal, store_unavailable
+from .middleware.metrics import USAGE_KEY
 from .store.base import Policy, Store, StoreUnavailable
+from .telemetry import Metrics, Tracing, exemplar
 
 log = logging.getLogger("inference")
 
@@ -175,17 +174,10 @@ class Service:
         except StoreUnavailable:
             if self.settings.rate_limit_fail_open:
                 return 0
-            raise HTTPError(503, "rate_limiter_unavailable", "the rate limiter's store is unavailable; retry shortly",
-                            headers={"Retry-After": "1"}) from None
+            raise store_unavailable() from None
         if not decision.allowed:
-            retry_after = str(math.ceil(decision.retry_after))
-            raise HTTPError(
-                429, "tokens_rate_limited",
-                f"token budget of {policy.limit} tokens per minute exceeded (this request reserves max_tokens={cost}); "
-                f"retry in {retry_after} s",
-                headers={"Retry-After": retry_after,
-                         **{k.decode(): v.decode() for k, v in rate_limit_headers(policy, decision)}},
-            )
+            message = f"token budget of {policy.limit} tokens per minute exceeded (this request reserves {cost})"
+            raise refusal("tokens_rate_limited", message, policy, decision)
         return cost
 
     def _token_key(self, client: str) -> str:
@@ -247,6 +239,11 @@ class _Observed:
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             on_end(self, error)
+
+
+def http_error_of(exc: EngineError | HTTPError) -> HTTPError:
+    """What to tell the client about a failure during generation, whichever layer raised it."""
+    return exc if isinstance(exc, HTTPError) else engine_http_error(exc)
 
 
 def engine_http_error(exc: EngineError) -> HTTPError:

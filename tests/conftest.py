@@ -346,6 +346,11 @@ class OTLPReceiver:
                 raise AssertionError(f"spans never matched; got {[s.name for _, s in self.spans]}")
             return [s for _, s in self.spans]
 
+    def service_names(self) -> set[str]:
+        with self.received:
+            return {a.value.string_value for resource, _ in self.spans for a in resource.attributes
+                    if a.key == "service.name"}
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -356,3 +361,30 @@ def otlp() -> Iterator[OTLPReceiver]:
     receiver = OTLPReceiver()
     yield receiver
     receiver.stop()
+
+
+def engine_quiet(engine: LlamaEngine) -> int:
+    """Wait (by queueing behind it) until whatever the engine is doing has finished; return tokens made so far."""
+    from inference.engine.base import GenerationRequest, SamplingParams
+
+    async def tiny() -> int:
+        generation = await engine.generate(GenerationRequest(SamplingParams(max_tokens=1), prompt="Hi"))
+        async for _ in generation:
+            pass
+        return generation.completion_tokens
+
+    made = asyncio.run(tiny())
+    return engine.tokens_generated - made
+
+
+def tokens_for_a_client_leaving_after(pieces: int, engine: LlamaEngine, url: str, body: dict[str, Any]) -> int:
+    """Stream `body` to `url`, hang up after `pieces` content chunks; how many tokens did the engine make for it?"""
+    before = engine_quiet(engine)
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += '"content":"' in line
+            if received == pieces:
+                break
+    # Leaving the block closed the connection mid-answer.
+    return engine_quiet(engine) - before

@@ -66,3 +66,17 @@ def test_cli_stops_with_one_line_and_no_traceback(env):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"configuration error: {next(iter(env))}=")
     assert "Traceback" not in result.stderr
+
+
+def test_api_keys_come_from_the_variable_and_the_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nfile-key-0001\n\n  file-key-0002  \nshared-key-01\n")
+    s = Settings.from_env({"API_KEYS": "env-key-0001, shared-key-01", "API_KEYS_FILE": str(keys)}, env_file=None)
+    assert s.all_api_keys == ("env-key-0001", "shared-key-01", "file-key-0001", "file-key-0002")
+
+
+def test_an_api_key_file_with_a_short_key_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("short\n")
+    with pytest.raises(ConfigError, match="API_KEYS_FILE=.*at least 8 characters"):
+        Settings.from_env({"API_KEYS_FILE": str(keys)}, env_file=None)

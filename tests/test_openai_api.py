@@ -6,6 +6,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import engine_quiet, tokens_for_a_client_leaving_after
 
 
 @pytest.fixture(scope="module")
@@ -162,35 +163,10 @@ def test_first_token_arrives_long_before_the_last(live, model_id):
     assert first_half > 0.25 * (arrivals[-1] - arrivals[0])
 
 
-def engine_quiet(engine):
-    """Wait (by queueing behind it) until whatever the engine is doing has finished; return tokens made so far."""
-    import asyncio
-
-    from inference.engine.base import GenerationRequest, SamplingParams
-
-    async def tiny():
-        generation = await engine.generate(GenerationRequest(SamplingParams(max_tokens=1), prompt="Hi"))
-        async for _ in generation:
-            pass
-        return generation.completion_tokens
-
-    made = asyncio.run(tiny())
-    return engine.tokens_generated - made
-
-
 def test_client_gone_mid_stream_frees_the_engine_within_a_few_tokens(live, model_id, engine):
     body = {"model": model_id, "messages": ask("Write a very long essay about mountains."), "max_tokens": 800,
             "temperature": 0.8, "stream": True}
-    before = engine_quiet(engine)
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{live.url}/v1/chat/completions", json=body) as response:
-            received = 0
-            for line in response.iter_lines():
-                received += '"content":"' in line
-                if received == 5:
-                    break
-        # Leaving the blocks closes the connection mid-answer.
-    produced = engine_quiet(engine) - before
+    produced = tokens_for_a_client_leaving_after(5, engine, f"{live.url}/v1/chat/completions", body)
     assert produced < 30, f"{produced} tokens were generated for a client that left after 5"
 
 
@@ -218,3 +194,27 @@ def test_completions_rejects_a_suffix(openai_client, model_id):
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.completions.create(model=model_id, prompt="x", suffix="y")
     assert err.value.body["param"] == "suffix"
+
+
+def test_served_model_name_is_the_model_id(engine):
+    import asyncio
+
+    from conftest import Running, base_settings, call_asgi
+
+    from inference.app import build_app
+
+    app = build_app(base_settings(served_model_name="team/small-chat"), engine=engine)
+
+    def chat(model):
+        body = {"model": model, "messages": ask("Hi"), "max_tokens": 1}
+        return call_asgi(app, "POST", "/v1/chat/completions", json.dumps(body).encode())
+
+    async def scenario():
+        async with Running(app):
+            return (await call_asgi(app, "GET", "/v1/models"), await chat("team/small-chat"),
+                    await chat(engine.info.name))
+
+    models, named, file_name = asyncio.run(scenario())
+    assert [m["id"] for m in models.json()["data"]] == ["team/small-chat"]
+    assert named.status == 200 and named.json()["model"] == "team/small-chat"
+    assert file_name.status == 404 and file_name.json()["error"]["code"] == "model_not_found"

@@ -13,7 +13,7 @@ from ..middleware.identity import client_id
 from ..middleware.metrics import PROMPT_KEY
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
-from ..service import Service, complete, engine_http_error
+from ..service import Service, complete, http_error_of
 from ..validation import from_json, plain
 
 
@@ -43,7 +43,7 @@ def routes(service: Service) -> list[Route]:
                 outcome.complete = True
                 yield sse(result(generation, "".join(pieces)), event="done")
         except (EngineError, HTTPError) as exc:
-            error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)
+            error = http_error_of(exc)
             yield sse(error.body(), event="error")
         finally:
             await generation.aclose()

@@ -33,7 +33,7 @@ from ..openai_schemas import (
     SamplingFields,
 )
 from ..router import Route
-from ..service import Service, complete, engine_http_error
+from ..service import Service, complete, http_error_of
 from ..validation import from_json, plain
 
 OWNED_BY = "inference"
@@ -72,11 +72,10 @@ def routes(service: Service) -> list[Route]:
     def sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens or settings.max_tokens_limit,
-            temperature=_or(body.temperature, DEFAULT_TEMPERATURE),
-            top_p=_or(body.top_p, 1.0),
             stop=body.stop_sequences(),
             seed=body.seed,
             fit_context=max_tokens is None,
+            **_effective(body),
         )
 
     def cached(
@@ -84,85 +83,74 @@ def routes(service: Service) -> list[Route]:
     ) -> Awaitable[Response]:
         info = service.model()
         # Every field the client sent, known ones normalized, unset sampling fields as the values they mean.
-        normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body),
-                      "temperature": _or(body.temperature, DEFAULT_TEMPERATURE), "top_p": _or(body.top_p, 1.0)}
+        normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body), **_effective(body)}
         material = {"endpoint": request.scope["route"], "model": model_id(), "revision": info.revision,
                     "body": normalized}
         deterministic = body.temperature == 0 or body.seed is not None
         return service.cache.serve(request, material, deterministic, produce)
 
-    async def generate(request: Request, generation_request: GenerationRequest) -> Generation:
+    async def answer(request: Request, body: SamplingFields, generation_request: GenerationRequest) -> Response:
+        """Generate, then answer as a chat completion or a text completion, streamed or whole."""
+        chat = generation_request.messages is not None
         if settings.log_prompts:
             request.scope[PROMPT_KEY] = (
-                generation_request.prompt if generation_request.messages is None
-                else [{"role": m.role, "content": m.content} for m in generation_request.messages]
+                [{"role": m.role, "content": m.content} for m in generation_request.messages]
+                if generation_request.messages is not None else generation_request.prompt
             )
-        return await service.generate(
+        generation = await service.generate(
             generation_request, client=client_id(request.scope, settings.trusted_proxies), scope=request.scope
         )
-
-    def streaming(generation: Generation, meta: _Meta, chat: bool, include_usage: bool) -> StreamingResponse:
-        outcome = StreamOutcome()
-        chunks = _stream(generation, meta, chat, include_usage, outcome)
-        return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
+        meta = _Meta("chatcmpl" if chat else "cmpl", model_id(), service.engine.info.revision)
+        if body.stream:
+            outcome = StreamOutcome()
+            chunks = _stream(generation, meta, chat, body.include_usage, outcome)
+            return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
+        text = await _complete(generation, request)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=generation.finish_reason)
+        return json_response({**meta.head("chat.completion" if chat else "text_completion"),
+                              "choices": [choice], "usage": _usage(generation)})
 
     async def chat_completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
         check_model(body.model)
-        return await cached(request, raw, body, lambda: chat_answer(request, body))
-
-    async def chat_answer(request: Request, body: ChatCompletionRequest) -> Response:
         messages = tuple(_chat_message(m) for m in body.messages)
         params = sampling(body, body.max_completion_tokens or body.max_tokens)
-        generation = await generate(request, GenerationRequest(params, messages=messages, stream=bool(body.stream)))
-        meta = _Meta("chatcmpl", model_id(), service.engine.info.revision)
-        if body.stream:
-            return streaming(generation, meta, True, body.include_usage)
-        text = await _complete(generation, request)
-        return json_response({
-            **meta.head("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": generation.finish_reason}],
-            "usage": _usage(generation),
-        })
+        generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request))
 
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
         check_model(body.model)
-        return await cached(request, raw, body, lambda: text_answer(request, body))
-
-    async def text_answer(request: Request, body: CompletionRequest) -> Response:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         params = sampling(body, body.max_tokens or 16)  # OpenAI's default for completions is 16 tokens
-        generation = await generate(request, GenerationRequest(params, prompt=prompt, stream=bool(body.stream)))
-        meta = _Meta("cmpl", model_id(), service.engine.info.revision)
-        if body.stream:
-            return streaming(generation, meta, False, body.include_usage)
-        text = await _complete(generation, request)
-        return json_response({
-            **meta.head("text_completion"),
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}],
-            "usage": _usage(generation),
-        })
+        generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request))
 
     errors = (400, 401, 404, 413, 429, 503)
     return [
         Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",
               response_schema=Model, errors=(404,)),
-        Route("POST", "/v1/chat/completions", labelled_errors(chat_completions), summary="OpenAI: chat completion (stream: SSE)",
-              request_schema=ChatCompletionRequest, response_schema=ChatCompletion, errors=errors, streams=True,
-              overrides=limit, allow_unknown_fields=True, limited=True),
+        Route("POST", "/v1/chat/completions", labelled_errors(chat_completions),
+              summary="OpenAI: chat completion (stream: SSE)", request_schema=ChatCompletionRequest,
+              response_schema=ChatCompletion, errors=errors, streams=True, overrides=limit,
+              allow_unknown_fields=True, limited=True),
         Route("POST", "/v1/completions", labelled_errors(completions), summary="OpenAI: text completion (stream: SSE)",
               request_schema=CompletionRequest, response_schema=Completion, errors=errors, streams=True,
               overrides=limit, allow_unknown_fields=True, limited=True),
     ]
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
+def _effective(body: SamplingFields) -> dict[str, float]:
+    """The sampling values a request means, OpenAI's defaults filled in."""
+    return {"temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p}
 
 
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
@@ -235,7 +223,7 @@ async def _stream(
         outcome.complete = True
         yield SSE_DONE
     except (EngineError, HTTPError) as exc:
-        error = exc if isinstance(exc, HTTPError) else engine_http_error(exc)
+        error = http_error_of(exc)
         yield sse(error.openai_body())
     finally:
         await generation.aclose()

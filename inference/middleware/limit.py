@@ -4,6 +4,7 @@ headers (RateLimit-Policy, RateLimit) and, when refused, 429 with Retry-After.""
 from __future__ import annotations
 
 import math
+from functools import cache
 
 from opentelemetry import trace
 
@@ -22,12 +23,27 @@ def request_policy(settings: Settings) -> Policy:
     return Policy(POLICY_NAME, settings.rate_limit_per_minute, 60, settings.burst)
 
 
+@cache
+def _policy_header(policy: Policy) -> tuple[bytes, bytes]:
+    return b"ratelimit-policy", f'"{policy.name}";q={policy.burst};w={policy.window}'.encode()
+
+
 def rate_limit_headers(policy: Policy, decision: Decision) -> list[tuple[bytes, bytes]]:
     seconds = math.ceil(decision.retry_after if not decision.allowed else decision.reset_after)
-    return [
-        (b"ratelimit-policy", f'"{policy.name}";q={policy.burst};w={policy.window}'.encode()),
-        (b"ratelimit", f'"{policy.name}";r={decision.remaining};t={seconds}'.encode()),
-    ]
+    return [_policy_header(policy), (b"ratelimit", f'"{policy.name}";r={decision.remaining};t={seconds}'.encode())]
+
+
+def refusal(code: str, message: str, policy: Policy, decision: Decision) -> HTTPError:
+    """429 for a request over `policy`'s budget: Retry-After, and the RateLimit headers that agree with it."""
+    retry_after = str(math.ceil(decision.retry_after))
+    headers = {"Retry-After": retry_after, **{k.decode(): v.decode() for k, v in rate_limit_headers(policy, decision)}}
+    return HTTPError(429, code, f"{message}; retry in {retry_after} s", headers=headers)
+
+
+def store_unavailable() -> HTTPError:
+    """503 when the limiter's store cannot decide and RATE_LIMIT_FAIL_OPEN is false."""
+    return HTTPError(503, "rate_limiter_unavailable", "the rate limiter's store is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
 
 
 def limit(
@@ -53,16 +69,10 @@ def limit(
             if settings.rate_limit_fail_open:
                 await app(scope, receive, send)
                 return
-            raise HTTPError(503, "rate_limiter_unavailable", "the rate limiter's store is unavailable; retry shortly",
-                            headers={"Retry-After": "1"}) from None
-        headers = rate_limit_headers(policy, decision)
+            raise store_unavailable()
         if not decision.allowed:
-            retry_after = str(math.ceil(decision.retry_after))
-            raise HTTPError(
-                429, "rate_limited",
-                f"rate limit of {policy.limit} requests per minute exceeded; retry in {retry_after} s",
-                headers={"Retry-After": retry_after, **{k.decode(): v.decode() for k, v in headers}},
-            )
+            raise refusal("rate_limited", f"rate limit of {policy.limit} requests per minute exceeded", policy, decision)
+        headers = rate_limit_headers(policy, decision)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

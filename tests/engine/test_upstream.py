@@ -7,7 +7,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, tokens_for_a_client_leaving_after
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +74,9 @@ def test_upstream_refusals_pass_through(sdk, model_id):
 
 
 def test_gateway_disconnect_stops_the_upstream_generation(gateway, model_id, engine):
-    from test_openai_api import engine_quiet
-
     body = {"model": model_id, "messages": ask("Write a very long essay about rivers."), "max_tokens": 800,
             "temperature": 0.8, "stream": True}
-    before = engine_quiet(engine)
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
-        received = 0
-        for line in response.iter_lines():
-            received += '"content":"' in line
-            if received == 5:
-                break
-    produced = engine_quiet(engine) - before
+    produced = tokens_for_a_client_leaving_after(5, engine, f"{gateway.url}/v1/chat/completions", body)
     assert produced < 40, f"the upstream generated {produced} tokens for a client that left after 5"
 
 

@@ -23,7 +23,7 @@ def attributes(span):
 
 def test_a_request_joins_the_callers_trace_with_child_spans_and_genai_attributes(engine, otlp, key_prefix):
     settings = base_settings(otel_exporter_otlp_endpoint=otlp.url, rate_limit_enabled=True, cache_mode="all",
-                             redis_key_prefix=key_prefix)
+                             redis_key_prefix=key_prefix, otel_service_name="inference-under-test")
     app = build_app(settings, engine=engine)
     body = json.dumps({"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 16}).encode()
     traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
@@ -38,6 +38,7 @@ def test_a_request_joins_the_callers_trace_with_child_spans_and_genai_attributes
     response, untraced = asyncio.run(scenario())
     assert response.status == 200
     spans = otlp.wait_for(lambda spans: any(s.name == "POST /api/v1/infer" for s in spans))
+    assert otlp.service_names() == {"inference-under-test"}
     mine = [s for s in spans if s.trace_id.hex() == CALLER_TRACE]
     by_name = {s.name: s for s in mine}
     server = by_name["POST /api/v1/infer"]
