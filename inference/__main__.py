@@ -1,4 +1,5 @@
-"""`python -m inference [serve] [--host H] [--port P]` serves; `python -m inference pull` fetches the default model."""
+"""`python -m inference [serve] [--host H] [--port P]` serves; `python -m inference pull` fetches the default model;
+`python -m inference healthcheck` exits 0 when the local service is ready (for container HEALTHCHECKs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .models import ModelUnavailable, pull
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
-    parser.add_argument("command", nargs="?", choices=("serve", "pull"), default="serve")
+    parser.add_argument("command", nargs="?", choices=("serve", "pull", "healthcheck"), default="serve")
     parser.add_argument("--host", help="listen address (env HOST)")
     parser.add_argument("--port", help="listen port (env PORT)")
     parser.add_argument("--env-file", default=".env", help="optional dotenv file (default: .env)")
@@ -31,10 +32,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pull":
             print(pull(settings.model_cache_dir))
             return 0
+        if args.command == "healthcheck":
+            return healthcheck(settings)
         return serve(settings)
     except ModelUnavailable as exc:
         print(f"model unavailable: {exc}", file=sys.stderr)
         return 1
+
+
+def healthcheck(settings: Settings, path: str = "/ready", timeout: float = 3.0) -> int:
+    """0 when this machine's service answers `path` with 200, else 1; prints the status or the error."""
+    import http.client
+
+    # A wildcard listen address is reached on loopback; a specific one as it is.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(settings.host, settings.host.strip("[]"))
+    connection = http.client.HTTPConnection(host, settings.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        status = connection.getresponse().status
+    except OSError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    print(f"{path}: {status}")
+    return 0 if status == 200 else 1
 
 
 def serve(settings: Settings) -> int:

@@ -1,6 +1,6 @@
 """Telemetry built per app (no globals): the Prometheus registry with every metric family, and the tracer.
 
-Metric names and labels are the contract with dashboards and alerts (k8s/monitoring/); labels are low
+Metric names and labels are the contract with dashboards and alerts (k8s/components/monitoring/); labels are low
 cardinality only: route templates, never raw paths.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,21 @@ from inference.engine.llama import LlamaEngine
 from inference.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# llama.cpp picks its kernels by CPU, so greedy text differs between machines ("2+2 = 4" here, "Two and two
+# equals four." on another): generated text is checked for any correct answer, never for one machine's wording.
+_FOUR = re.compile(r"\b(4|four)\b", re.IGNORECASE)
+_PARIS = re.compile(r"paris", re.IGNORECASE)
+
+
+def says_four(text: str) -> bool:
+    """A correct answer to "What is 2+2?", in digits or in words."""
+    return _FOUR.search(text) is not None
+
+
+def says_paris(text: str) -> bool:
+    """A correct answer to the capital of France (or the completion of "The capital of France is")."""
+    return _PARIS.search(text) is not None
 
 
 def free_port() -> int:

@@ -13,6 +13,8 @@ from inference.engine.base import (
     SamplingParams,
 )
 
+from conftest import says_four, says_paris
+
 
 def chat(prompt, **params):
     params.setdefault("max_tokens", 24)
@@ -35,13 +37,13 @@ def run(coro):
 
 def test_answers_a_question_at_temperature_zero(engine):
     text, gen = run(collect(engine, chat("What is 2+2?")))
-    assert "4" in text
+    assert says_four(text), text
     assert gen.finish_reason == "stop"
 
 
 def test_default_system_prompt_makes_the_model_answer_briefly(engine):
     text, gen = run(collect(engine, chat("What is the capital of France?", max_tokens=40)))
-    assert "Paris" in text
+    assert says_paris(text), text
     assert gen.finish_reason == "stop"
 
 
@@ -70,18 +72,21 @@ def test_same_seed_same_text(engine):
 
 
 def test_stop_sequence_ends_generation_and_is_not_returned(engine):
-    unstopped, _ = run(collect(engine, chat("Count from 1 to 10, separated by commas.", max_tokens=30)))
-    assert "3" in unstopped, unstopped
-    text, gen = run(collect(engine, chat("Count from 1 to 10, separated by commas.", max_tokens=30, stop=("3",))))
+    prompt = "Count from 1 to 10, separated by commas."
+    unstopped, _ = run(collect(engine, chat(prompt, max_tokens=30)))
+    # The stop string is taken from this machine's own greedy answer, so the test holds whatever it says.
+    middle = next(i for i in range(len(unstopped) // 2, len(unstopped)) if not unstopped[i].isspace())
+    stop = unstopped[middle:middle + 2]
+    text, gen = run(collect(engine, chat(prompt, max_tokens=30, stop=(stop,))))
     assert gen.finish_reason == "stop"
-    assert "3" not in text
-    assert unstopped.startswith(text)
+    assert stop not in text
+    assert text == unstopped[:unstopped.index(stop)]
 
 
 def test_raw_prompt_completion(engine):
     request = GenerationRequest(params=SamplingParams(max_tokens=4, temperature=0.0), prompt="The capital of France is")
     text, gen = run(collect(engine, request))
-    assert "Paris" in text
+    assert says_paris(text), text
     assert gen.prompt_tokens == len(engine.prepare(request))
 
 
@@ -107,7 +112,7 @@ def test_cancelling_frees_the_engine_within_a_few_tokens(engine):
 
     pieces, text = run(scenario())
     assert pieces < 10
-    assert "4" in text
+    assert says_four(text), text
 
 
 def test_queue_is_bounded(model_file):

@@ -7,7 +7,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import ServerProcess, tokens_for_a_client_leaving_after
+from conftest import ServerProcess, says_four, says_paris, tokens_for_a_client_leaving_after
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_streaming_through_the_gateway(sdk, model_id):
 
 def test_completions_and_native_api_through_the_gateway(sdk, gateway, model_id):
     text = sdk.completions.create(model=model_id, prompt="The capital of France is", temperature=0, max_tokens=4)
-    assert "Paris" in text.choices[0].text
+    assert says_paris(text.choices[0].text)
     answer = httpx.post(f"{gateway.url}/api/v1/infer", json={"prompt": "What is 2+2?", "temperature": 0}, timeout=60)
-    assert answer.status_code == 200 and "4" in answer.json()["output"]
+    assert answer.status_code == 200 and says_four(answer.json()["output"])
 
 
 def test_upstream_refusals_pass_through(sdk, model_id):

@@ -1,4 +1,4 @@
-"""The dashboard and the alert rules under k8s/monitoring/ only use metrics (and labels) the service exports;
+"""The dashboard and the alert rules under k8s/components/monitoring/ only use metrics (and labels) the service exports;
 with promtool (Debian package `prometheus`) every expression must also parse."""
 
 import asyncio
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inference.app import build_app
 
-MONITORING = ROOT / "k8s" / "monitoring"
+MONITORING = ROOT / "k8s" / "components" / "monitoring"
 NAME = re.compile(r"\binference_[a-z_]+\b")
 SELECTOR = re.compile(r"(inference_[a-z_]+)\{([^}]*)\}")
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
@@ -105,3 +105,10 @@ def test_the_readme_lists_exactly_the_exported_metrics(exported):
     table = (ROOT / "README.md").read_text().split("### Metrics", 1)[1].split("###", 1)[0]
     listed = {family_of(name) for name in re.findall(r"^\| `(inference_[a-z_]+)`", table, re.MULTILINE)}
     assert listed == {family_of(name) for name in exported}
+
+
+def test_the_prometheus_operator_rules_are_the_plain_rules():
+    plain = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
+    resource = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    assert resource["kind"] == "PrometheusRule"
+    assert resource["spec"]["groups"] == plain["groups"]
