@@ -1,0 +1,133 @@
+"""The deployment files as a cluster and Compose would read them: every overlay renders (kubectl kustomize) into
+what the README promises, and every setting they pass is one the service accepts.
+
+kubectl is on our machines; elsewhere these tests are skipped, except in CI, which has it. The linters
+(kubernetes-validate, checkov, hadolint, compose) run in scripts/check_deploy.py, called by .ci/run.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from inference.config import ConfigError, Settings
+
+KUBECTL = shutil.which("kubectl")
+if not KUBECTL and not os.environ.get("CI"):
+    pytest.skip("kubectl is not installed", allow_module_level=True)
+# Variables the OpenTelemetry SDK reads itself (not Settings fields).
+OTEL_SDK = {"OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+
+
+def render(overlay):
+    result = subprocess.run([KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+                            capture_output=True, text=True, check=True, timeout=60)
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o]
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+@pytest.fixture(scope="module", params=["dev", "staging", "prod"])
+def rendered(request):
+    return request.param, render(request.param)
+
+
+def container(objects, name="inference"):
+    return objects[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+
+
+def config(objects):
+    (data,) = [o["data"] for (kind, name), o in objects.items() if kind == "ConfigMap" and
+               name.startswith("inference-config")]
+    return data
+
+
+def test_every_setting_is_one_the_service_accepts(rendered, tmp_path):
+    overlay, objects = rendered
+    env = dict(config(objects))
+    unknown = set(env) - {f.upper() for f in Settings.__dataclass_fields__} - OTEL_SDK
+    assert not unknown, f"{overlay}: not settings of the service: {unknown}"
+    if env.get("API_KEYS_FILE"):
+        keys = tmp_path / "keys"
+        keys.write_text("a-key-for-the-test\n")
+        env["API_KEYS_FILE"] = str(keys)  # the Secret's mount, here
+    env["N_THREADS"] = "2"  # from the Downward API (limits.cpu)
+    try:
+        Settings.from_env(env, env_file=None)
+    except ConfigError as exc:
+        pytest.fail(f"{overlay}: {exc}")
+
+
+def test_pods_are_hardened_and_probed(rendered):
+    overlay, objects = rendered
+    for name in ("inference", "redis"):
+        pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        c = pod["containers"][0]
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+        assert c["image"].split(":")[-1] not in ("latest", c["image"]), f"{overlay}: {c['image']} is not pinned"
+    c = container(objects)
+    assert c["startupProbe"]["httpGet"]["path"] == c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model load on a cold node
+    assert {"mountPath": "/tmp", "name": "tmp"} in c["volumeMounts"]
+    pod = objects[("Deployment", "inference")]["spec"]["template"]["spec"]
+    pause = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pause + 30  # the service drains for up to 30 s after SIGTERM
+    assert ("ServiceAccount", "inference") in objects and pod["serviceAccountName"] == "inference"
+    assert ("PodDisruptionBudget", "inference") in objects
+    assert {("NetworkPolicy", "inference"), ("NetworkPolicy", "redis")} <= set(objects)
+
+
+def test_dev_is_one_replica_with_debug_logs_and_no_autoscaler():
+    objects = render("dev")
+    assert objects[("Deployment", "inference")]["spec"]["replicas"] == 1
+    assert config(objects)["LOG_LEVEL"] == "DEBUG"
+    assert not [k for k in objects if k[0] == "HorizontalPodAutoscaler"]
+    assert all(v["name"] != "api-keys" for v in objects[("Deployment", "inference")]["spec"]["template"]["spec"]["volumes"])
+
+
+def test_staging_runs_two_replicas():
+    objects = render("staging")
+    assert objects[("Deployment", "inference")]["spec"]["replicas"] == 2
+    assert not [k for k in objects if k[0] == "HorizontalPodAutoscaler"]
+
+
+def test_prod_autoscales_behind_tls_spread_over_zones():
+    objects = render("prod")
+    deployment = objects[("Deployment", "inference")]
+    assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+    hpa = objects[("HorizontalPodAutoscaler", "inference")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    targets = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]}
+    assert targets == {"cpu": 70, "memory": 80}
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    ingress = objects[("Ingress", "inference")]
+    assert ingress["spec"]["tls"][0]["secretName"] and ingress["spec"]["tls"][0]["hosts"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert {t["topologyKey"] for t in pod["topologySpreadConstraints"]} == {"topology.kubernetes.io/zone",
+                                                                           "kubernetes.io/hostname"}
+    c = container(objects)
+    assert c["resources"]["requests"] == c["resources"]["limits"]  # Guaranteed QoS
+    assert {"name": "api-keys", "mountPath": "/etc/inference/api-keys", "readOnly": True} in c["volumeMounts"]
+
+
+def test_compose_settings_are_ones_the_service_accepts():
+    compose = yaml.safe_load((ROOT / "compose.yml").read_text())
+    app = compose["services"]["app"]
+    env = {k: str(v).split(":-", 1)[-1].rstrip("}") if str(v).startswith("${") else str(v)
+           for k, v in app["environment"].items()}
+    assert set(env) - {f.upper() for f in Settings.__dataclass_fields__} - OTEL_SDK == set()
+    Settings.from_env(env, env_file=None)
+    assert app["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "healthcheck" in compose["services"]["redis"]
+    assert app["read_only"] and app["cap_drop"] == ["ALL"]
