@@ -33,7 +33,8 @@ def test_closed_loop_report_counts_every_request(live):
 
 
 def test_streamed_chat_measures_time_to_first_token(live):
-    report = loadtest(live.url, "--endpoint", "chat", "--stream", "--duration", "2", "--concurrency", "1",
+    # Ends on the request count, however slow the machine is today.
+    report = loadtest(live.url, "--endpoint", "chat", "--stream", "--duration", "600", "--concurrency", "1",
                       "--max-requests", "3")
     assert report["endpoint"] == "/v1/chat/completions" and report["stream"]
     assert report["requests"] == report["successes"] == 3
