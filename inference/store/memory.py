@@ -17,7 +17,7 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._bytes = 0
-        self._tat: dict[str, float] = {}  # theoretical arrival time per client, monotonic microseconds
+        self._tat: dict[str, int] = {}  # theoretical arrival time per client, monotonic microseconds
 
     async def cache_get(self, key: str) -> bytes | None:
         entry = self._cache.get(key)
@@ -45,7 +45,9 @@ class MemoryStore:
         self._bytes -= len(value)
 
     async def acquire(self, key: str, policy: Policy, cost: int = 1) -> Decision:
-        now = time.monotonic() * 1_000_000
+        # Whole microseconds, as Redis's TIME gives: with an integer interval the arithmetic is exact, so the
+        # remaining count never comes out one short from float rounding.
+        now = time.monotonic_ns() // 1000
         interval = policy.interval_us
         tolerance = interval * policy.burst
         tat = max(self._tat.get(key, now), now)
