@@ -202,6 +202,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_tokens_limit: int = 1024
     max_queued_requests: int = 64
+    max_concurrent_requests: int = 8
     cache_ttl_seconds: int = 60
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
@@ -291,6 +292,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_body_bytes": _int(1024),
     "max_tokens_limit": _int(1),
     "max_queued_requests": _int(1),
+    "max_concurrent_requests": _int(1, 256),
     "cache_ttl_seconds": _int(1),
     "system_prompt": _text,
 }

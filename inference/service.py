@@ -152,6 +152,9 @@ class Service:
             scope[USAGE_KEY] = {"prompt_tokens": prompt, "completion_tokens": completion}
         self.metrics.tokens.labels("prompt").inc(prompt)
         self.metrics.tokens.labels("completion").inc(completion)
+        reused = getattr(generation, "reused_prompt_tokens", 0)
+        if reused:
+            self.metrics.reused.inc(reused)
         example = exemplar()
         self.metrics.generation.observe(now - started, example)
         if observed.first_token is not None and completion > 1:

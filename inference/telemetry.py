@@ -46,6 +46,9 @@ class Metrics:
                                     registry=registry)
         self.tokens = Counter("inference_tokens", "Tokens processed: prompt (read) and completion (generated)",
                               ["kind"], registry=registry)
+        self.reused = Counter("inference_prompt_tokens_reused",
+                              "Prompt tokens taken from the KV cache of an earlier sequence instead of evaluated",
+                              registry=registry)
         self.ttft = Histogram("inference_time_to_first_token_seconds",
                               "Time from the start of a generation to its first token", buckets=TTFT_BUCKETS,
                               registry=registry)

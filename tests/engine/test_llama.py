@@ -119,7 +119,7 @@ def test_queue_is_bounded(model_file):
     from inference.engine.llama import LlamaEngine
 
     path, sha = model_file
-    small = LlamaEngine(path, n_ctx=512, max_queued=1, sha256=sha)
+    small = LlamaEngine(path, n_ctx=512, max_queued=1, max_concurrent=1, sha256=sha)
     small.load()
     try:
         async def scenario():

@@ -1,27 +1,25 @@
-"""The embedded engine: llama-cpp-python running a GGUF file in one dedicated worker thread.
+"""The embedded engine on the asyncio side: load the model, render and tokenize prompts, admit them, stream back.
 
-The event loop never runs model code. `generate` renders and tokenizes the prompt in a helper thread
-(so a long prompt cannot stall the loop), then puts a job on a bounded queue. The worker thread owns the
-llama.cpp context, generates one token at a time and hands each decoded piece back to the loop with
-`call_soon_threadsafe`; between tokens it checks the job's cancel flag, so a client that goes away frees
-the model within one token.
+The event loop never runs model code. `generate` renders the chat template and tokenizes in a helper thread (so
+a long prompt cannot stall the loop), then hands the sequence to the scheduler (scheduler.py), whose thread owns
+the llama.cpp context and runs up to `max_concurrent` sequences together; pieces come back through
+`call_soon_threadsafe`. A client that goes away sets its sequence's cancel flag: the scheduler frees its slot at
+the next step, and a sequence still waiting is dropped before it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hashlib
 import logging
 import os
-import queue
 import random
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .base import (
+from ..base import (
     ContextLengthExceeded,
     EngineNotReady,
     EngineOverloaded,
@@ -29,15 +27,13 @@ from .base import (
     GenerationRequest,
     InvalidPrompt,
     ModelInfo,
-    SamplingParams,
 )
+from .scheduler import Scheduler
+from .sequence import Finished, Sequence
 
 log = logging.getLogger(__name__)
 
 BACKEND = "llama.cpp"
-# llama.cpp's sampling defaults (also llama-cpp-python's server's): they keep small models coherent.
-TOP_K = 40
-MIN_P = 0.05
 HASH_CHUNK = 1 << 20
 # Used only when a GGUF file carries no chat template of its own.
 CHATML_TEMPLATE = (
@@ -51,6 +47,10 @@ FILE_TYPES = {
     19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
 }
+# Message boundaries (for exact prefix reuse) are worked out for chats up to this size; longer ones are
+# evaluated whole (still in the same pieces every time), so repeatability never depends on these limits.
+BOUNDARY_MESSAGES = 32
+BOUNDARY_CHARS = 32_000
 
 
 def file_sha256(path: Path) -> str:
@@ -61,35 +61,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class _Finished:
-    finish_reason: FinishReason | None
-    completion_tokens: int
-
-
-@dataclass
-class _Job:
-    tokens: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
-            self.cancelled.set()
-
-
 class LlamaGeneration:
     """Text pieces of one request as the worker produces them; `aclose()` cancels the job."""
 
-    def __init__(self, job: _Job, prompt_tokens: int) -> None:
-        self._job = job
+    def __init__(self, sequence: Sequence) -> None:
+        self._sequence = sequence
         self._done = False
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(sequence.tokens)
         self.completion_tokens = 0
+        self.reused_prompt_tokens = 0
         self.finish_reason: FinishReason | None = None
 
     def __aiter__(self) -> "LlamaGeneration":
@@ -98,27 +78,32 @@ class LlamaGeneration:
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        item = await self._job.out.get()
+        item = await self._sequence.out.get()
         if isinstance(item, str):
             return item
         self._done = True
-        if isinstance(item, _Finished):
+        if isinstance(item, Finished):
             self.finish_reason = item.finish_reason
             self.completion_tokens = item.completion_tokens
+            self.reused_prompt_tokens = item.reused_prompt_tokens
             raise StopAsyncIteration
         raise item
 
     def cancel(self) -> None:
-        self._job.cancelled.set()
+        self._sequence.cancelled.set()
 
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            self._job.cancelled.set()
+            self._sequence.cancelled.set()
 
 
 class LlamaEngine:
-    """An Engine backed by one llama.cpp context. One request generates at a time; the rest wait in order."""
+    """An Engine backed by one llama.cpp context holding up to `max_concurrent` sequences at once.
+
+    `n_ctx` is what one request may use (prompt + answer); each of the `max_concurrent` slots has a KV stream of
+    that size, so the context holds `n_ctx` x `max_concurrent` tokens and an admitted request always fits.
+    """
 
     def __init__(
         self,
@@ -127,20 +112,23 @@ class LlamaEngine:
         n_ctx: int = 2048,
         n_threads: int = 0,
         max_queued: int = 64,
+        max_concurrent: int = 8,
         sha256: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.max_queued = max_queued
+        self.max_concurrent = max_concurrent
         self._sha256 = sha256
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queued)
         self._llm: Any = None
+        self._ctx: Any = None
         self._formatter: Any = None
-        self._eog: Any = None
+        self._prefix_formatter: Any = None
         self._info: ModelInfo | None = None
-        self._worker: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
-        self.tokens_generated = 0  # written only by the worker thread
 
     @property
     def info(self) -> ModelInfo:
@@ -154,7 +142,15 @@ class LlamaEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize()
+        return self._scheduler.queue_depth if self._scheduler is not None else 0
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._scheduler.tokens_generated if self._scheduler is not None else 0
+
+    @property
+    def prompt_tokens_reused(self) -> int:
+        return self._scheduler.prompt_tokens_reused if self._scheduler is not None else 0
 
     def load(self) -> None:
         from llama_cpp import Llama, llama_cpp
@@ -164,71 +160,89 @@ class LlamaEngine:
         # llama.cpp's own default is half the cores; generation is compute-bound, so all of them is faster
         # (measured: 40 -> 70 tokens/s on 2 cores) and the event loop still answers between tokens.
         threads = self.n_threads or len(os.sched_getaffinity(0))
-        llm = Llama(
-            model_path=str(self.model_path), n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
-            verbose=False,
-        )
+        # The Llama object provides the weights, tokenizer and metadata; its own context stays tiny and unused.
+        llm = Llama(model_path=str(self.model_path), n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx * self.max_concurrent
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = self.max_concurrent
+        params.kv_unified = False  # a KV stream per slot: a sequence's cells never depend on the others (scheduler.py)
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {self.max_concurrent} x {self.n_ctx} tokens")
         meta = llm.metadata
         model = llm._model  # llama-cpp-python has no public accessor for the vocab or parameter count
         eos, bos = llm.token_eos(), llm.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=meta.get("tokenizer.chat_template") or CHATML_TEMPLATE,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        eos_text, bos_text = model.token_get_text(eos) if eos != -1 else "", model.token_get_text(bos) if bos != -1 else ""
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+        self._prefix_formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text,
+                                                     add_generation_prompt=False)
+        vocab = model.vocab
+        self._llm, self._ctx = llm, ctx
+        self._scheduler = Scheduler(
+            ctx, slots=self.max_concurrent, max_queued=self.max_queued,
+            is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
+            piece=lambda token: llm.detokenize([token]),
         )
-        self._eog = lambda token: llama_cpp.llama_vocab_is_eog(model.vocab, token)
-        self._llm = llm
-        self._info = _model_info(self.model_path, sha256, meta, llm.n_ctx(), model.n_params())
-        self._worker = threading.Thread(target=self._work, name="llama-worker", daemon=True)
-        self._worker.start()
-        log.info("loaded %s (%s, revision %s)", self._info.name, self._info.quantization, self._info.revision)
+        self._info = _model_info(self.model_path, sha256, meta, self.n_ctx, model.n_params())
+        self._thread = threading.Thread(target=self._scheduler.run, name="llama-scheduler", daemon=True)
+        self._thread.start()
+        log.info("loaded %s (%s, revision %s): %d sequences at once, %d tokens of context each", self._info.name,
+                 self._info.quantization, self._info.revision, self.max_concurrent, self.n_ctx)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)
 
     def shutdown(self) -> None:
-        """Refuse new work, fail what is queued, stop the worker (after its current token) and free the model."""
+        """Refuse new work, fail what is queued, cancel what runs (within a step) and free the model."""
+        from llama_cpp import llama_cpp
+
         self._closed = True
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit(EngineNotReady("the service is shutting down"))
-        if self._worker is not None:
-            self._jobs.put(None)
-            self._worker.join(timeout=10)
-            self._worker = None
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
 
     # --- request side (event loop) -------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> LlamaGeneration:
-        if self._llm is None or self._closed:
+        scheduler = self._scheduler
+        if scheduler is None or self._closed:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
-        if self._jobs.full():
-            raise EngineOverloaded(self._jobs.qsize())
-        tokens, max_tokens = await asyncio.to_thread(self._prepare, request)
+        # Refused before any rendering or tokenizing: overload must cost almost nothing.
+        if scheduler.queue_depth >= self.max_queued:
+            raise EngineOverloaded(scheduler.queue_depth)
+        tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
-        job = _Job(tokens, params, asyncio.get_running_loop())
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise EngineOverloaded(self._jobs.qsize()) from None
-        return LlamaGeneration(job, len(tokens))
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        sequence = Sequence(tokens, boundaries, params, seed, asyncio.get_running_loop())
+        scheduler.submit(sequence)
+        return LlamaGeneration(sequence)
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """The prompt's tokens: the chat template applied to `messages`, or the raw `prompt`."""
         return self._prepare(request)[0]
 
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
+    def _render(self, formatter: Any, messages: Any) -> list[int]:
+        rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        return self._llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], tuple[int, ...], int]:
         llm = self._llm
+        boundaries: tuple[int, ...] = ()
         if request.messages is not None:
             try:
-                rendered = self._formatter(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+                tokens = self._render(self._formatter, request.messages)
             except Exception as exc:  # a template's raise_exception() or any Jinja error
                 raise InvalidPrompt(f"the model's chat template rejected the messages: {exc}") from None
-            tokens = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+            boundaries = self._boundaries(request.messages, tokens)
         else:
             tokens = llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
             if not tokens:  # an empty prompt for a model that adds no BOS: start from BOS, as OpenAI allows ""
@@ -241,89 +255,26 @@ class LlamaEngine:
             if not request.params.fit_context or len(tokens) >= self.n_ctx:
                 raise ContextLengthExceeded(len(tokens), max_tokens, self.n_ctx)
             max_tokens = self.n_ctx - len(tokens)
-        return tokens, max_tokens
+        return tokens, boundaries, max_tokens
+
+    def _boundaries(self, messages: Any, tokens: list[int]) -> tuple[int, ...]:
+        """Where the prompt's tokens end a message (and where an earlier request's prompt, the same messages
+        plus the assistant's cue, ended): the points at which a cached prefix may be reused exactly."""
+        if len(messages) > BOUNDARY_MESSAGES or sum(len(m.content) for m in messages) > BOUNDARY_CHARS:
+            return ()
+        found = set()
+        for k in range(1, len(messages)):
+            for formatter in (self._prefix_formatter, self._formatter):
+                try:
+                    prefix = self._render(formatter, messages[:k])
+                except Exception:  # a template may refuse a partial conversation (e.g. one ending on the system)
+                    continue
+                if 0 < len(prefix) < len(tokens) and tokens[: len(prefix)] == prefix:
+                    found.add(len(prefix))
+        return tuple(sorted(found))
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))
-
-    # --- worker thread -------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                job.emit(_Finished(None, 0))
-                continue
-            try:
-                job.emit(self._run(job))
-            except Exception as exc:
-                log.exception("generation failed")
-                job.emit(exc)
-
-    def _run(self, job: _Job) -> _Finished:
-        llm, params = self._llm, job.params
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = [s for s in params.stop if s]
-        held = ""  # decoded text not yet sent because it may be the start of a stop sequence
-        produced = 0
-        finish: FinishReason | None = "length"
-        stopped = False
-        # Reusing the previous prompt's KV cache evaluates only the new suffix, in batches of another shape;
-        # llama.cpp's logits then differ in the last bits and temperature 0 stops being repeatable. Evaluating
-        # every prompt whole keeps identical requests identical (and cacheable), for a small prompt-time cost.
-        llm.reset()
-        tokens = llm.generate(
-            job.tokens, temp=params.temperature, top_p=params.top_p, top_k=TOP_K, min_p=MIN_P, repeat_penalty=1.0
-        )
-        for token in tokens:
-            if job.cancelled.is_set():
-                finish = None
-                break
-            if self._eog(token):
-                finish = "stop"
-                break
-            produced += 1
-            self.tokens_generated += 1
-            held += decoder.decode(llm.detokenize([token]))
-            if stops:
-                cut = _find_stop(held, stops)
-                if cut is not None:
-                    held, finish, stopped = held[:cut], "stop", True
-                    break
-                keep = _partial_stop(held, stops)
-                ready, held = held[: len(held) - keep], held[len(held) - keep :]
-            else:
-                ready, held = held, ""
-            if ready:
-                job.emit(ready)
-            if produced >= params.max_tokens:
-                break
-        tokens.close()
-        if finish is not None:
-            if not stopped:  # bytes of an unfinished character belong to the answer unless a stop cut it
-                held += decoder.decode(b"", final=True)
-            if held:
-                job.emit(held)
-        return _Finished(finish, produced)
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could still grow into a stop sequence."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _model_info(path: Path, sha256: str, meta: dict[str, str], n_ctx: int, n_params: int) -> ModelInfo:

@@ -1,0 +1,249 @@
+"""The step loop: one thread owns the llama.cpp context and, each step, advances every sequence it holds.
+
+A step: admit waiting sequences while a slot is free (reusing the prompt prefix an idle slot still holds where
+one matches), evaluate pending prompt pieces, then decode one token for every generating sequence in a single
+batch, sample each with its own native sampler chain, hand the text to the event loop and retire what finished.
+Every slot is a llama.cpp sequence with a KV stream of its own (`n_ctx` cells: one request's whole context), so
+an admitted request always fits and the slots share the memory evenly.
+
+Repeatability. llama.cpp's CPU kernels can give a row slightly different results when the batch around it has
+another shape (measured here: eight prompts evaluated in one batch answered differently from each prompt alone;
+one-token decode rows batched with others did not; and with one KV pool shared by all sequences, where each
+sequence's cells land changed the order attention sums them in). So what a sequence's results depend on is fixed
+by the request alone: each slot has its own KV stream, filled in position order; every prompt piece is evaluated
+in a llama_decode call of its own, cut at content-defined points (chat-message boundaries, then every
+PROMPT_CHUNK tokens); and a cached prefix is reused only up to a boundary that both prompts share, where the
+cached KV was itself evaluated in the same pieces. Decode steps batch one token per sequence. A temperature-0 or seeded request then answers the same alone, beside seven others, and
+with or without a reused prefix (tests/engine/test_batching.py checks each).
+
+Only this thread touches the context, the batch and the samplers; the event loop talks to it through `submit`
+(under the lock) and each sequence's `emit`. Native objects are freed in one place each: samplers in `_retire`,
+the batch and context in `close`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Callable
+
+from llama_cpp import llama_cpp as C
+
+from ..base import EngineNotReady, EngineOverloaded
+from .sampling import Sampler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+PROMPT_CHUNK = 256  # prompt tokens per llama_decode: long prompts never stall the running streams for long
+PREFILL_BUDGET = 512  # prompt tokens evaluated per step (at least one piece), between decode steps
+
+
+class _Cached:
+    """What an idle slot's KV cache holds: a prompt prefix evaluated in its own pieces, kept for reuse."""
+
+    __slots__ = ("tokens", "boundaries")
+
+    def __init__(self, tokens: list[int], boundaries: tuple[int, ...]) -> None:
+        self.tokens, self.boundaries = tokens, boundaries
+
+
+class Scheduler:
+    def __init__(
+        self,
+        ctx: C.llama_context_p,
+        *,
+        slots: int,
+        max_queued: int,
+        is_eog: Callable[[int], bool],
+        piece: Callable[[int], bytes],
+    ) -> None:
+        self.ctx = ctx
+        self.memory = C.llama_get_memory(ctx)
+        self.slots = slots
+        self.max_queued = max_queued
+        self.is_eog = is_eog
+        self.piece = piece
+        self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
+        self.lock = threading.Condition()
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.idle: collections.OrderedDict[int, _Cached] = collections.OrderedDict()  # least recently used first
+        self.free = list(range(slots - 1, -1, -1))
+        self.closed = False
+        # Written by this thread only; read by tests and metrics.
+        self.tokens_generated = 0
+        self.prompt_tokens_reused = 0
+
+    # --- event loop side -------------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        with self.lock:
+            if self.closed:
+                raise EngineNotReady("the service is shutting down")
+            if len(self.waiting) >= self.max_queued:
+                raise EngineOverloaded(len(self.waiting))
+            self.waiting.append(sequence)
+            self.lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def stop(self) -> None:
+        """Refuse new work, fail what waits, cancel what runs; the loop then retires it all and returns."""
+        with self.lock:
+            self.closed = True
+            waiting, self.waiting = list(self.waiting), collections.deque()
+            for sequence in self.running:
+                sequence.cancelled.set()
+            self.lock.notify()
+        for sequence in waiting:
+            sequence.emit(EngineNotReady("the service is shutting down"))
+
+    # --- the loop (its own thread) ---------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self.closed and not self.waiting and not self.running:
+                        self.lock.wait()
+                    if self.closed and not self.running:
+                        return
+                    self._admit()
+                self._step()
+        finally:
+            self.close()
+
+    def _step(self) -> None:
+        for sequence in [s for s in self.running if s.cancelled.is_set()]:
+            self._retire(sequence, None)
+        try:
+            self._prefill()
+            self._decode()
+        except Exception as exc:
+            log.exception("llama_decode failed; failing the sequences in flight")
+            for sequence in list(self.running):
+                self._retire(sequence, None, error=exc)
+
+    # --- admission and prefix reuse --------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Start waiting sequences in arrival order while a slot is free (called under the lock)."""
+        while self.waiting and len(self.running) < self.slots:
+            sequence = self.waiting.popleft()
+            if sequence.cancelled.is_set():
+                sequence.finish(None)
+                continue
+            self._place(sequence)
+            self.running.append(sequence)
+
+    def _best_prefix(self, sequence: Sequence) -> tuple[int | None, int]:
+        """The idle slot holding the longest reusable prefix of `sequence`'s prompt, and that prefix's length."""
+        best: tuple[int | None, int] = (None, 0)
+        for slot, cached in self.idle.items():
+            shared = set(cached.boundaries)
+            for point in sorted((b for b in sequence.boundaries if best[1] < b < len(sequence.tokens)
+                                 and b <= len(cached.tokens) and b in shared), reverse=True):
+                # The same tokens, cut into the same pieces below `point`: the cached KV is what evaluating the
+                # prompt itself would have produced.
+                if (cached.tokens[:point] == sequence.tokens[:point]
+                        and [b for b in cached.boundaries if b < point] == [b for b in sequence.boundaries if b < point]):
+                    best = (slot, point)
+                    break
+        return best
+
+    def _place(self, sequence: Sequence) -> None:
+        """A slot for `sequence`: the idle one with its longest prefix, else a free one, else the least recently
+        used idle one (its cache is dropped)."""
+        source, reuse = self._best_prefix(sequence)
+        if source is not None:
+            del self.idle[source]
+            slot = source
+        elif self.free:
+            slot = self.free.pop()
+        else:
+            slot, _ = self.idle.popitem(last=False)
+        C.llama_memory_seq_rm(self.memory, slot, reuse, -1)
+        sequence.slot = slot
+        sequence.evaluated = sequence.n_past = sequence.reused = reuse
+        sequence.sampler = Sampler(sequence.params, sequence.seed)
+        self.prompt_tokens_reused += reuse
+
+    # --- evaluation --------------------------------------------------------------------------------
+
+    def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        batch = self.batch
+        batch.n_tokens = len(rows)
+        for i, (token, position, slot, logits) in enumerate(rows):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
+            batch.logits[i] = logits
+        status = C.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _prefill(self) -> None:
+        budget = PREFILL_BUDGET
+        for sequence in [s for s in self.running if s.prefilling]:
+            while sequence.prefilling and budget > 0:
+                start, end = sequence.next_chunk(PROMPT_CHUNK)
+                last = len(sequence.tokens) - 1
+                self._fill([(sequence.tokens[i], i, sequence.slot, i == last) for i in range(start, end)])
+                sequence.evaluated = sequence.n_past = end
+                budget -= end - start
+                if not sequence.prefilling:
+                    self._sampled(sequence, sequence.sampler.sample(self.ctx, end - start - 1))
+            if budget <= 0:
+                return
+
+    def _decode(self) -> None:
+        generating = [s for s in self.running if s.pending is not None]
+        if not generating:
+            return
+        self._fill([(s.pending, s.n_past, s.slot, True) for s in generating])
+        for row, sequence in enumerate(generating):
+            sequence.n_past += 1
+            self._sampled(sequence, sequence.sampler.sample(self.ctx, row))
+
+    def _sampled(self, sequence: Sequence, token: int) -> None:
+        sequence.pending = None
+        if sequence.cancelled.is_set():
+            self._retire(sequence, None)
+            return
+        if self.is_eog(token):
+            self._retire(sequence, "stop")
+            return
+        sequence.produced += 1
+        self.tokens_generated += 1
+        if sequence.add_text(self.piece(token)):
+            self._retire(sequence, "stop", stopped=True)
+        elif sequence.produced >= sequence.params.max_tokens:
+            self._retire(sequence, "length")
+        else:
+            sequence.pending = token
+
+    def _retire(self, sequence: Sequence, reason, *, stopped: bool = False, error: Exception | None = None) -> None:
+        self.running.remove(sequence)
+        if sequence.sampler is not None:
+            sequence.sampler.close()
+            sequence.sampler = None
+        # Keep the evaluated prompt for the next request that starts the same way; generated tokens go.
+        C.llama_memory_seq_rm(self.memory, sequence.slot, sequence.evaluated, -1)
+        if sequence.evaluated:
+            self.idle[sequence.slot] = _Cached(sequence.tokens[: sequence.evaluated], sequence.boundaries)
+        else:
+            self.free.append(sequence.slot)
+        if error is not None:
+            sequence.emit(error)
+        else:
+            sequence.finish(reason, stopped)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            C.llama_batch_free(self.batch)
+            self.batch = None

@@ -1,0 +1,114 @@
+"""One request inside the scheduler: its prompt, where it is, its sampler, and the text it has produced.
+
+The scheduler thread owns every field but `cancelled`; text and the final result reach the event loop through
+`emit` (call_soon_threadsafe), the only hand-off between the two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..base import FinishReason, SamplingParams
+from .sampling import Sampler
+
+
+@dataclass
+class Finished:
+    finish_reason: FinishReason | None
+    completion_tokens: int
+    reused_prompt_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    tokens: list[int]
+    # Prompt lengths where the chat template ends a message (content-defined, so the same messages give the same
+    # boundaries in every request): prompts are evaluated in chunks that never cross one, and a prefix in the
+    # KV cache is reused only up to one, so a prompt is always evaluated in the same pieces (see scheduler.py).
+    boundaries: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Scheduler state.
+    slot: int = -1
+    evaluated: int = 0  # prompt tokens in the KV cache
+    n_past: int = 0  # all of this sequence's tokens in the KV cache (prompt and generated)
+    reused: int = 0  # of which copied from an earlier sequence
+    produced: int = 0
+    pending: int | None = None  # sampled, to be decoded at the next step
+    sampler: Sampler | None = None
+    _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
+
+    @property
+    def reserved(self) -> int:
+        """KV cells this sequence may come to hold: its prompt and every token it may generate."""
+        return len(self.tokens) + self.params.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.evaluated < len(self.tokens)
+
+    def next_chunk(self, size: int) -> tuple[int, int]:
+        """The next piece of the prompt to evaluate: up to `size` tokens, counted from the last boundary, and
+        never across the next one, so the pieces depend on the prompt alone."""
+        start = self.evaluated
+        base = max((b for b in self.boundaries if b <= start), default=0)
+        end = base + ((start - base) // size + 1) * size
+        following = min((b for b in self.boundaries if b > start), default=len(self.tokens))
+        return start, min(end, following, len(self.tokens))
+
+    def emit(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
+            self.cancelled.set()
+
+    def add_text(self, piece: bytes) -> bool:
+        """Append a generated token's bytes; sends what is safe to send. True when a stop sequence matched."""
+        self._held += self._decoder.decode(piece)
+        stops = self.params.stop
+        if stops:
+            cut = find_stop(self._held, stops)
+            if cut is not None:
+                self._held = self._held[:cut]
+                return True
+            keep = partial_stop(self._held, stops)
+            ready, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        else:
+            ready, self._held = self._held, ""
+        if ready:
+            self.emit(ready)
+        return False
+
+    def finish(self, reason: FinishReason | None, stopped: bool = False) -> None:
+        """Send what is held back (unless cancelled) and the result."""
+        if reason is not None:
+            if not stopped:  # bytes of an unfinished character belong to the answer unless a stop cut it
+                self._held += self._decoder.decode(b"", final=True)
+            if self._held:
+                self.emit(self._held)
+        self._held = ""
+        self.emit(Finished(reason, self.produced, self.reused))
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still grow into a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

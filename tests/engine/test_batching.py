@@ -1,0 +1,201 @@
+"""Continuous batching in the embedded engine, against the real model: isolation, repeatability alone vs batched
+and with vs without a reused prefix, cancellation, admission, text assembly, memory."""
+
+import asyncio
+import resource
+
+import pytest
+
+from inference.config import DEFAULT_SYSTEM_PROMPT
+from inference.engine.base import ChatMessage, EngineOverloaded, GenerationRequest, SamplingParams
+from inference.engine.llama.sequence import Finished, Sequence
+
+QUESTIONS = [
+    "What is 2+2?", "Name three colours.", "Write a haiku about rain.", "What is the capital of Spain?",
+    "Count from 1 to 10.", "Tell me a joke.", "Why is the sea salty?", "Explain gravity briefly.",
+]
+
+
+def chat(prompt, system=DEFAULT_SYSTEM_PROMPT, **params):
+    params.setdefault("max_tokens", 24)
+    params.setdefault("temperature", 0.0)
+    messages = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt),)
+    return GenerationRequest(params=SamplingParams(**params), messages=messages)
+
+
+async def collect(engine, request, cancel_after=None):
+    generation = await engine.generate(request)
+    pieces = []
+    async for piece in generation:
+        pieces.append(piece)
+        if cancel_after is not None and len(pieces) == cancel_after:
+            generation.cancel()
+    return "".join(pieces), generation
+
+
+def alone(engine, request):
+    return asyncio.run(collect(engine, request))
+
+
+def together(engine, requests):
+    async def scenario():
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    return asyncio.run(scenario())
+
+
+def test_eight_concurrent_prompts_each_get_the_answer_they_get_alone(engine):
+    requests = [chat(q) for q in QUESTIONS]
+    solo = [alone(engine, r)[0] for r in requests]
+    batched = together(engine, requests)
+    assert [text for text, _ in batched] == solo
+    assert all(gen.finish_reason in ("stop", "length") for _, gen in batched)
+    assert len(set(solo)) == len(solo)  # eight different answers: no request saw another's tokens
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(engine):
+    requests = [chat(q, temperature=0.9, seed=100 + i) for i, q in enumerate(QUESTIONS[:4])]
+    solo = [alone(engine, r)[0] for r in requests]
+    assert [text for text, _ in together(engine, requests)] == solo
+
+
+def test_a_reused_system_prompt_gives_the_same_answer(model_file):
+    from inference.engine.llama import LlamaEngine
+
+    path, sha = model_file
+    fresh = LlamaEngine(path, n_ctx=512, max_concurrent=2, sha256=sha)
+    fresh.load()
+    try:
+        first, gen_first = alone(fresh, chat("Name a large animal."))
+        assert gen_first.reused_prompt_tokens == 0  # nothing cached yet: evaluated whole
+        again, gen_again = alone(fresh, chat("Name a large animal."))
+        other, gen_other = alone(fresh, chat("What is 2+2?"))
+    finally:
+        fresh.shutdown()
+    # The system message is a prefix every request shares: the second and third reuse it.
+    assert gen_again.reused_prompt_tokens > 0 and gen_other.reused_prompt_tokens > 0
+    assert fresh.prompt_tokens_reused == gen_again.reused_prompt_tokens + gen_other.reused_prompt_tokens
+    assert again == first
+    # The same question on the shared engine, which has never seen this cache, answers the same.
+    assert other == alone_on_engine_fixture(model_file, "What is 2+2?")
+
+
+def alone_on_engine_fixture(model_file, question):
+    from inference.engine.llama import LlamaEngine
+
+    path, sha = model_file
+    cold = LlamaEngine(path, n_ctx=512, max_concurrent=1, sha256=sha)
+    cold.load()
+    try:
+        text, gen = alone(cold, chat(question))
+        assert gen.reused_prompt_tokens == 0
+        return text
+    finally:
+        cold.shutdown()
+
+
+def test_multi_turn_history_is_reused_and_answers_the_same(engine):
+    turn1 = chat("Name a fruit.")
+    reply, _ = alone(engine, turn1)
+    history = turn1.messages + (ChatMessage("assistant", reply), ChatMessage("user", "What colour is it?"))
+    request = GenerationRequest(params=turn1.params, messages=history)
+    first, gen_first = alone(engine, request)
+    second, gen_second = alone(engine, request)
+    assert gen_second.reused_prompt_tokens >= gen_first.reused_prompt_tokens > 0
+    assert first == second
+
+
+def test_cancelling_one_sequence_leaves_the_others_untouched(engine):
+    requests = [chat(q, max_tokens=32) for q in QUESTIONS[:3]]
+    solo = [alone(engine, r)[0] for r in requests]
+
+    async def scenario():
+        return await asyncio.gather(collect(engine, requests[0]), collect(engine, requests[1], cancel_after=2),
+                                    collect(engine, requests[2]))
+
+    results = asyncio.run(scenario())
+    assert results[1][1].finish_reason is None and results[1][1].completion_tokens < 10
+    assert [results[0][0], results[2][0]] == [solo[0], solo[2]]
+
+
+def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_file):
+    from inference.engine.llama import LlamaEngine
+
+    path, sha = model_file
+    small = LlamaEngine(path, n_ctx=512, max_concurrent=2, max_queued=1, sha256=sha)
+    small.load()
+    try:
+        async def scenario():
+            running = []
+            for _ in range(2):
+                running.append(await small.generate(chat("Tell me about whales.", max_tokens=64)))
+                await running[-1].__anext__()  # generating: admitted, the queue is empty again
+            waiting = await small.generate(chat("Tell me about whales.", max_tokens=4))
+            assert small.queue_depth == 1
+            with pytest.raises(EngineOverloaded):
+                await small.generate(chat("Tell me about whales.", max_tokens=4))
+            for generation in running:
+                await generation.aclose()
+            text = "".join([piece async for piece in waiting])  # admitted once a slot frees
+            return text, waiting
+
+        text, waiting = asyncio.run(scenario())
+        assert text and waiting.finish_reason == "length"
+    finally:
+        small.shutdown()
+
+
+def test_utf8_split_across_tokens_is_assembled_before_it_is_sent():
+    loop = asyncio.new_event_loop()
+    try:
+        sequence = Sequence([1], (), SamplingParams(max_tokens=8), 0, loop)
+        encoded = "日本 ☕".encode()
+        for i in range(len(encoded)):  # one byte per token, the worst case
+            assert sequence.add_text(encoded[i:i + 1]) is False
+        sequence.finish("length")
+        loop.run_until_complete(asyncio.sleep(0))
+        items = []
+        while not sequence.out.empty():
+            items.append(sequence.out.get_nowait())
+    finally:
+        loop.close()
+    text = [item for item in items if isinstance(item, str)]
+    assert "".join(text) == "日本 ☕" and all("\ufffd" not in piece for piece in text)
+    assert isinstance(items[-1], Finished)
+
+
+def test_stop_sequence_spanning_tokens_is_cut_and_never_sent():
+    loop = asyncio.new_event_loop()
+    try:
+        sequence = Sequence([1], (), SamplingParams(max_tokens=8, stop=("lo Wo",)), 0, loop)
+        stopped = [sequence.add_text(p) for p in (b"Hel", b"lo W", b"orld")]
+        sequence.finish("stop", stopped=True)
+        loop.run_until_complete(asyncio.sleep(0))
+        items = []
+        while not sequence.out.empty():
+            items.append(sequence.out.get_nowait())
+    finally:
+        loop.close()
+    assert stopped == [False, False, True]
+    assert "".join(i for i in items if isinstance(i, str)) == "Hel"
+
+
+def test_no_memory_growth_across_a_thousand_requests(engine):
+    def rss_mb():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / 1e6
+
+    async def wave(start):
+        requests = [GenerationRequest(params=SamplingParams(max_tokens=2, temperature=0.8, seed=n),
+                                      prompt=f"Number {n} is") for n in range(start, start + 8)]
+        await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    async def run(waves, offset):
+        for w in range(waves):
+            await wave(offset + w * 8)
+
+    asyncio.run(run(13, 0))  # warm up: every slot used, allocator pools filled
+    before = rss_mb()
+    asyncio.run(run(125, 1000))  # 1,000 requests
+    growth = rss_mb() - before
+    assert growth < 25, f"resident memory grew by {growth:.1f} MB over 1,000 requests"
