@@ -6,7 +6,7 @@
       each a streamed /v1/completions request;
   (d) with --compare URL, the same client against any other OpenAI-compatible server (llama.cpp's llama-server
       --parallel 8, vLLM, ...): its first model, the same prompts.
-Every prompt runs to --max-tokens ("Count from 1 to 1000:" at temperature 0), so early stops cannot flatter
+Every prompt runs to --max-tokens ("Count from 1 to 1000: 1, 2, 3, 4, 5," at temperature 0), so early stops cannot flatter
 tokens/s, and starts with a prefix of its own ("Run 3, stream 5."), so no stream reuses another's prompt.
 Each cell is the median of --repeats waves: aggregate completion tokens/s (all streams' tokens / the wave's wall
 time), time to first token p50/p95 over the wave's streams, per-stream tokens/s; ratios are to (a).
@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPT = "Run {run}, stream {stream}. Count from 1 to 1000:"
+PROMPT = "Run {run}, stream {stream}. Count from 1 to 1000: 1, 2, 3, 4, 5,"
 SYSTEM = "You are a helpful assistant. Give short, factual answers."
 QUESTIONS = ["What is 2+2?", "Name a colour.", "What is the capital of Italy?", "Name a planet.",
              "What is 3 times 3?", "Name a fruit.", "What is the opposite of hot?", "Name an ocean."]

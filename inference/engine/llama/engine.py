@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import random
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,7 @@ FILE_TYPES = {
 }
 # Message boundaries (for exact prefix reuse) are worked out for chats up to this size; longer ones are
 # evaluated whole (still in the same pieces every time), so repeatability never depends on these limits.
+SWITCH_INTERVAL = 0.0005  # seconds
 BOUNDARY_MESSAGES = 32
 BOUNDARY_CHARS = 32_000
 
@@ -67,6 +69,7 @@ class LlamaGeneration:
     def __init__(self, sequence: Sequence) -> None:
         self._sequence = sequence
         self._done = False
+        self._held: Any = None  # the item after a run of pieces, taken from the queue while joining them
         self.prompt_tokens = len(sequence.tokens)
         self.completion_tokens = 0
         self.reused_prompt_tokens = 0
@@ -78,8 +81,18 @@ class LlamaGeneration:
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        item = await self._sequence.out.get()
+        out = self._sequence.out
+        item = self._held if self._held is not None else await out.get()
+        self._held = None
         if isinstance(item, str):
+            # Pieces that queued up while the consumer was busy leave as one: under load the HTTP layer writes
+            # fewer, larger chunks instead of falling further behind.
+            while not out.empty():
+                following = out.get_nowait()
+                if not isinstance(following, str):
+                    self._held = following
+                    break
+                item += following
             return item
         self._done = True
         if isinstance(item, Finished):
@@ -169,6 +182,9 @@ class LlamaEngine:
         params.kv_unified = False  # a KV stream per slot: a sequence's cells never depend on the others (scheduler.py)
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        # Measured here on 2 cores: flash attention (which "auto" leaves off on CPU) decodes 8 sequences at once
+        # about 20% faster, and one about 10%.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {self.max_concurrent} x {self.n_ctx} tokens")
@@ -188,6 +204,9 @@ class LlamaEngine:
             piece=lambda token: llm.detokenize([token]),
         )
         self._info = _model_info(self.model_path, sha256, meta, self.n_ctx, model.n_params())
+        # The scheduler thread needs the GIL for a moment between two llama_decode calls; with Python's default
+        # 5 ms switch interval it could wait that long for the event loop thread to let go, every step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._scheduler.run, name="llama-scheduler", daemon=True)
         self._thread.start()
         log.info("loaded %s (%s, revision %s): %d sequences at once, %d tokens of context each", self._info.name,

@@ -32,12 +32,12 @@ from llama_cpp import llama_cpp as C
 
 from ..base import EngineNotReady, EngineOverloaded
 from .sampling import Sampler
-from .sequence import Sequence
+from .sequence import Sequence, deliver
 
 log = logging.getLogger(__name__)
 
 PROMPT_CHUNK = 256  # prompt tokens per llama_decode: long prompts never stall the running streams for long
-PREFILL_BUDGET = 512  # prompt tokens evaluated per step (at least one piece), between decode steps
+PREFILL_BUDGET = 256  # prompt tokens evaluated per step (at least one piece), between decode steps
 
 
 class _Cached:
@@ -71,6 +71,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.idle: collections.OrderedDict[int, _Cached] = collections.OrderedDict()  # least recently used first
         self.free = list(range(slots - 1, -1, -1))
+        self.outbox: list = []  # what sequences emitted this step, handed to the event loop at its end
         self.closed = False
         # Written by this thread only; read by tests and metrics.
         self.tokens_generated = 0
@@ -84,6 +85,7 @@ class Scheduler:
                 raise EngineNotReady("the service is shutting down")
             if len(self.waiting) >= self.max_queued:
                 raise EngineOverloaded(len(self.waiting))
+            sequence.outbox = self.outbox
             self.waiting.append(sequence)
             self.lock.notify()
 
@@ -99,8 +101,7 @@ class Scheduler:
             for sequence in self.running:
                 sequence.cancelled.set()
             self.lock.notify()
-        for sequence in waiting:
-            sequence.emit(EngineNotReady("the service is shutting down"))
+        deliver([(sequence, EngineNotReady("the service is shutting down")) for sequence in waiting])
 
     # --- the loop (its own thread) ---------------------------------------------------------------
 
@@ -114,8 +115,15 @@ class Scheduler:
                         return
                     self._admit()
                 self._step()
+                self._deliver()
         finally:
+            self._deliver()
             self.close()
+
+    def _deliver(self) -> None:
+        if self.outbox:
+            items, self.outbox[:] = list(self.outbox), []
+            deliver(items)
 
     def _step(self) -> None:
         for sequence in [s for s in self.running if s.cancelled.is_set()]:
@@ -198,11 +206,14 @@ class Scheduler:
                 budget -= end - start
                 if not sequence.prefilling:
                     self._sampled(sequence, sequence.sampler.sample(self.ctx, end - start - 1))
+                    self._deliver()  # its first token goes out now, not after the other prompts
             if budget <= 0:
                 return
 
     def _decode(self) -> None:
-        generating = [s for s in self.running if s.pending is not None]
+        # In slot order: llama.cpp splits a batch over per-sequence KV streams into as few parts as it can only
+        # when the sequences come in order.
+        generating = sorted((s for s in self.running if s.pending is not None), key=lambda s: s.slot)
         if not generating:
             return
         self._fill([(s.pending, s.n_past, s.slot, True) for s in generating])

@@ -1,7 +1,8 @@
 """One request inside the scheduler: its prompt, where it is, its sampler, and the text it has produced.
 
 The scheduler thread owns every field but `cancelled`; text and the final result reach the event loop through
-`emit` (call_soon_threadsafe), the only hand-off between the two threads.
+`emit`: into the scheduler's outbox, which it hands over once a step (`deliver`, one call_soon_threadsafe per
+event loop), the only hand-off between the two threads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Sequence:
     produced: int = 0
     pending: int | None = None  # sampled, to be decoded at the next step
     sampler: Sampler | None = None
+    outbox: list | None = None  # the scheduler's; None: emit straight to the loop
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
 
@@ -65,10 +67,10 @@ class Sequence:
         return start, min(end, following, len(self.tokens))
 
     def emit(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
-            self.cancelled.set()
+        if self.outbox is not None:
+            self.outbox.append((self, item))
+        else:
+            deliver([(self, item)])
 
     def add_text(self, piece: bytes) -> bool:
         """Append a generated token's bytes; sends what is safe to send. True when a stop sequence matched."""
@@ -96,6 +98,25 @@ class Sequence:
                 self.emit(self._held)
         self._held = ""
         self.emit(Finished(reason, self.produced, self.reused))
+
+
+def deliver(items: list[tuple[Sequence, Any]]) -> None:
+    """Hand emitted items to their event loops: one wake-up per loop, however many sequences and pieces."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+    for sequence, item in items:
+        by_loop.setdefault(sequence.loop, []).append((sequence.out, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
+            for sequence, _ in items:
+                if sequence.loop is loop:
+                    sequence.cancelled.set()
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
