@@ -205,6 +205,7 @@ class Settings:
     max_concurrent_requests: int = 8
     cache_ttl_seconds: int = 60
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    chat_system_prompt: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> "Settings":
@@ -295,4 +296,5 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_concurrent_requests": _int(1, 256),
     "cache_ttl_seconds": _int(1),
     "system_prompt": _text,
+    "chat_system_prompt": _bool,
 }

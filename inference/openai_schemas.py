@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API (/v1), following the OpenAI API reference.
 
-Fields OpenAI defines but this service does not act on (logprobs, tools, response_format, ...) are accepted
+Fields OpenAI defines but this service does not act on yet (logprobs, tools, response_format, ...) are accepted
 and ignored, as are unknown ones: clients send them routinely. Fields it does act on are type-checked.
 """
 
@@ -47,6 +47,12 @@ class SamplingFields:
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = field(default=None, metadata=spec(ge=1, le=1, description="Only 1 is supported."))
+    frequency_penalty: float | None = field(default=None, metadata=spec(
+        ge=-2, le=2, description="Penalise tokens by how often they were generated so far (default 0)."))
+    presence_penalty: float | None = field(default=None, metadata=spec(
+        ge=-2, le=2, description="Penalise tokens that were generated at all so far (default 0)."))
+    repetition_penalty: float | None = field(default=None, metadata=spec(
+        gt=0, le=10, description="Extension (llama.cpp, vLLM): divide repeated tokens' logits by it (default 1)."))
     user: str | None = None
 
     def stop_sequences(self) -> tuple[str, ...]:

@@ -218,3 +218,69 @@ def test_served_model_name_is_the_model_id(engine):
     assert [m["id"] for m in models.json()["data"]] == ["team/small-chat"]
     assert named.status == 200 and named.json()["model"] == "team/small-chat"
     assert file_name.status == 404 and file_name.json()["error"]["code"] == "model_not_found"
+
+
+def max_repeats(text):
+    words = [w.strip(".,!?;:'\"").lower() for w in text.split()]
+    return max((words.count(w) for w in set(words) if w), default=0)
+
+
+def test_frequency_and_presence_penalties_change_the_output(openai_client, model_id):
+    kwargs = dict(model=model_id, messages=ask("Write the word cat twenty times."), temperature=0, max_tokens=40)
+    plain = openai_client.chat.completions.create(**kwargs).choices[0].message.content
+    frequency = openai_client.chat.completions.create(**kwargs, frequency_penalty=2).choices[0].message.content
+    presence = openai_client.chat.completions.create(**kwargs, presence_penalty=2).choices[0].message.content
+    assert frequency != plain and presence != plain
+    assert max_repeats(frequency) < max_repeats(plain), (plain, frequency)
+    # Penalised answers stay repeatable (the cache relies on it).
+    assert openai_client.chat.completions.create(**kwargs, frequency_penalty=2).choices[0].message.content == frequency
+
+
+def test_repetition_penalty_extension_is_accepted_and_acts(openai_client, model_id):
+    kwargs = dict(model=model_id, messages=ask("Write the word cat twenty times."), temperature=0, max_tokens=40)
+    plain = openai_client.chat.completions.create(**kwargs).choices[0].message.content
+    penalised = openai_client.chat.completions.create(**kwargs, extra_body={"repetition_penalty": 1.8})
+    assert penalised.choices[0].message.content != plain
+
+
+@pytest.mark.parametrize("field, value", [("frequency_penalty", 2.5), ("presence_penalty", -3),
+                                          ("repetition_penalty", 0)])
+def test_penalties_out_of_range_are_refused(openai_client, model_id, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=2,
+                                              extra_body={field: value})
+    assert err.value.body["param"] == field
+
+
+def test_chats_without_a_system_message_get_the_system_prompt(openai_client, model_id, live):
+    from inference.config import DEFAULT_SYSTEM_PROMPT
+
+    question = ask("What is the capital of France?")
+    implicit = openai_client.chat.completions.create(model=model_id, messages=question, temperature=0, max_tokens=24)
+    explicit = openai_client.chat.completions.create(
+        model=model_id, messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *question],
+        temperature=0, max_tokens=24)
+    assert implicit.choices[0].message.content == explicit.choices[0].message.content
+    assert implicit.usage.prompt_tokens == explicit.usage.prompt_tokens
+    assert says_paris(implicit.choices[0].message.content)
+
+
+def test_chat_system_prompt_off_passes_messages_through(engine, model_id):
+    from conftest import InProcessServer, base_settings
+
+    from inference.app import build_app
+    from inference.config import DEFAULT_SYSTEM_PROMPT
+
+    server = InProcessServer(build_app(base_settings(chat_system_prompt=False), engine=engine))
+    try:
+        server.wait_ready()
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            question = ask("What is the capital of France?")
+            bare = client.chat.completions.create(model=model_id, messages=question, temperature=0, max_tokens=4)
+            explicit = client.chat.completions.create(
+                model=model_id, messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *question],
+                temperature=0, max_tokens=4)
+    finally:
+        server.stop()
+    # The chat template's own default system line, not ours: a prompt of another length.
+    assert bare.usage.prompt_tokens != explicit.usage.prompt_tokens

@@ -69,6 +69,9 @@ def routes(service: Service) -> list[Route]:
             raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist", field="model")
         return json_response(model_object())
 
+    # The embedded model gets SYSTEM_PROMPT when a chat brings none; an upstream's model has its own defaults.
+    add_system = settings.chat_system_prompt and settings.model_backend == "llama"
+
     def sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens or settings.max_tokens_limit,
@@ -79,13 +82,16 @@ def routes(service: Service) -> list[Route]:
         )
 
     def cached(
-        request: Request, raw: Any, body: SamplingFields, produce: Callable[[], Awaitable[Response]]
+        request: Request, raw: Any, body: SamplingFields, produce: Callable[[], Awaitable[Response]],
+        system: str | None = None,
     ) -> Awaitable[Response]:
         info = service.model()
         # Every field the client sent, known ones normalized, unset sampling fields as the values they mean.
         normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body), **_effective(body)}
         material = {"endpoint": request.scope["route"], "model": model_id(), "revision": info.revision,
                     "body": normalized}
+        if system is not None:  # the default system message the service added
+            material["system_prompt"] = system
         deterministic = body.temperature == 0 or body.seed is not None
         return service.cache.serve(request, material, deterministic, produce)
 
@@ -119,9 +125,14 @@ def routes(service: Service) -> list[Route]:
         body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
         check_model(body.model)
         messages = tuple(_chat_message(m) for m in body.messages)
+        system = None
+        if add_system and not any(m.role == "system" for m in messages):
+            # As Ollama does with a model's default system message: small models answer far better with one.
+            system = settings.system_prompt
+            messages = (ChatMessage("system", system),) + messages
         params = sampling(body, body.max_completion_tokens or body.max_tokens)
         generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
-        return await cached(request, raw, body, lambda: answer(request, body, generation_request))
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request), system=system)
 
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
@@ -150,7 +161,9 @@ def routes(service: Service) -> list[Route]:
 def _effective(body: SamplingFields) -> dict[str, float]:
     """The sampling values a request means, OpenAI's defaults filled in."""
     return {"temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p}
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0,
+            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
 
 
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:

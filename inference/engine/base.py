@@ -26,6 +26,11 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # OpenAI's penalties on tokens already generated (-2 .. 2; 0 = off) and the common extension
+    # repetition_penalty (llama.cpp's repeat penalty; 1 = off).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     # True: lower max_tokens to what the context has room for, instead of refusing (OpenAI's default
     # when a request names no max_tokens).
     fit_context: bool = False

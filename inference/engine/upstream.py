@@ -204,6 +204,11 @@ class UpstreamEngine:
             payload["stop"] = list(params.stop)
         if params.seed is not None:
             payload["seed"] = params.seed
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(params, name):
+                payload[name] = getattr(params, name)
+        if params.repetition_penalty != 1.0:
+            payload["repetition_penalty"] = params.repetition_penalty
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
         if request.messages is not None:

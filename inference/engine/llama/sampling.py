@@ -13,13 +13,17 @@ from ..base import SamplingParams
 # llama.cpp's sampling defaults (also llama-cpp-python's server's): they keep small models coherent.
 TOP_K = 40
 MIN_P = 0.05
+PENALTY_LAST_N = 64  # llama.cpp's default window for the penalties: the last 64 generated tokens
 
 
 class Sampler:
     """A sampler chain for one sequence; `close()` frees it (the scheduler does, exactly once)."""
 
-    def __init__(self, params: SamplingParams, seed: int) -> None:
+    def __init__(self, params: SamplingParams, seed: int, n_vocab: int) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
+                n_vocab, PENALTY_LAST_N, params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         else:

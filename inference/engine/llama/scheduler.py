@@ -56,6 +56,7 @@ class Scheduler:
         *,
         slots: int,
         max_queued: int,
+        n_vocab: int,
         is_eog: Callable[[int], bool],
         piece: Callable[[int], bytes],
     ) -> None:
@@ -63,6 +64,7 @@ class Scheduler:
         self.memory = C.llama_get_memory(ctx)
         self.slots = slots
         self.max_queued = max_queued
+        self.n_vocab = n_vocab
         self.is_eog = is_eog
         self.piece = piece
         self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
@@ -116,7 +118,20 @@ class Scheduler:
                     self._admit()
                 self._step()
                 self._deliver()
+        except BaseException:
+            log.exception("the scheduler stopped on an error; failing every request it holds")
+            raise
         finally:
+            # Whatever ended the loop, nobody may wait forever: what is left fails, and new work is refused.
+            with self.lock:
+                self.closed = True
+                left, self.waiting = list(self.waiting) + self.running, collections.deque()
+                self.running = []
+            for sequence in left:
+                if sequence.sampler is not None:
+                    sequence.sampler.close()
+                    sequence.sampler = None
+                sequence.emit(EngineNotReady("the engine stopped"))
             self._deliver()
             self.close()
 
@@ -145,7 +160,16 @@ class Scheduler:
             if sequence.cancelled.is_set():
                 sequence.finish(None)
                 continue
-            self._place(sequence)
+            try:
+                self._place(sequence)
+            except Exception as exc:  # this request's problem (e.g. a sampler llama.cpp refuses), not the loop's
+                log.exception("could not start a sequence")
+                self.idle.pop(sequence.slot, None)
+                if sequence.slot >= 0 and sequence.slot not in self.free:
+                    C.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+                    self.free.append(sequence.slot)
+                sequence.emit(exc)
+                continue
             self.running.append(sequence)
 
     def _best_prefix(self, sequence: Sequence) -> tuple[int | None, int]:
@@ -177,7 +201,7 @@ class Scheduler:
         C.llama_memory_seq_rm(self.memory, slot, reuse, -1)
         sequence.slot = slot
         sequence.evaluated = sequence.n_past = sequence.reused = reuse
-        sequence.sampler = Sampler(sequence.params, sequence.seed)
+        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab)
         self.prompt_tokens_reused += reuse
 
     # --- evaluation --------------------------------------------------------------------------------
