@@ -284,3 +284,26 @@ def test_chat_system_prompt_off_passes_messages_through(engine, model_id):
         server.stop()
     # The chat template's own default system line, not ours: a prompt of another length.
     assert bare.usage.prompt_tokens != explicit.usage.prompt_tokens
+
+
+def test_logit_bias_bans_and_forces_tokens(openai_client, model_id, live):
+    engine = live.app.service.engine
+    kwargs = dict(model=model_id, prompt="The capital of France is", temperature=0, max_tokens=3)
+    plain = openai_client.completions.create(**kwargs).choices[0].text
+    first = engine.tokenize(plain)[0]
+    banned = openai_client.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0].text
+    assert engine.tokenize(banned)[0] != first, (plain, banned)
+    (banana,) = engine.tokenize(" banana")
+    forced = openai_client.completions.create(**kwargs, logit_bias={str(banana): 100}).choices[0].text
+    assert forced == " banana" * 3
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({"x": 1}, "keys must be token ids"), ({"5": 101}, "from -100 to 100"), ([1, 2], "must be an object"),
+    ({"99999999": 1}, "token ids this model does not have"),
+])
+def test_bad_logit_bias_is_refused_naming_it(openai_client, model_id, bias, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=2,
+                                              extra_body={"logit_bias": bias})
+    assert err.value.body["param"] == "logit_bias" and message in err.value.body["message"]

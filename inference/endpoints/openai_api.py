@@ -77,6 +77,7 @@ def routes(service: Service) -> list[Route]:
             max_tokens=max_tokens or settings.max_tokens_limit,
             stop=body.stop_sequences(),
             seed=body.seed,
+            logit_bias=_logit_bias(body.logit_bias),
             fit_context=max_tokens is None,
             **_effective(body),
         )
@@ -164,6 +165,31 @@ def _effective(body: SamplingFields) -> dict[str, float]:
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0,
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object as (id, bias) pairs; anything else is a 400 naming the field."""
+    if value is None:
+        return ()
+
+    def refuse(why: str) -> HTTPError:
+        return HTTPError(422, "validation_error", f"logit_bias: {why}", field="logit_bias")
+
+    if not isinstance(value, dict):
+        raise refuse("must be an object of token id -> bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise refuse(f"at most {MAX_LOGIT_BIAS} entries")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise refuse(f"keys must be token ids (non-negative integers as strings), not {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise refuse(f"the bias of token {key} must be a number from -100 to 100")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:

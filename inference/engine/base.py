@@ -31,6 +31,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, -100 .. 100) added to that token's logit; -100 bans it, 100 forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # True: lower max_tokens to what the context has room for, instead of refusing (OpenAI's default
     # when a request names no max_tokens).
     fit_context: bool = False

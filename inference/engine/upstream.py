@@ -207,6 +207,8 @@ class UpstreamEngine:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name):
                 payload[name] = getattr(params, name)
+        if params.logit_bias:
+            payload["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if params.repetition_penalty != 1.0:
             payload["repetition_penalty"] = params.repetition_penalty
         if request.stream:

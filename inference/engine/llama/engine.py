@@ -269,6 +269,11 @@ class LlamaEngine:
                 if bos < 0:
                     raise InvalidPrompt("the prompt is empty and this model has no beginning-of-sequence token", "prompt")
                 tokens = [bos]
+        n_vocab = self._llm.n_vocab()
+        unknown = [token for token, _ in request.params.logit_bias if not 0 <= token < n_vocab]
+        if unknown:
+            raise InvalidPrompt(f"logit_bias names token ids this model does not have: {unknown[:5]} "
+                                f"(its vocabulary is 0 .. {n_vocab - 1})", "logit_bias")
         max_tokens = request.params.max_tokens
         if len(tokens) + max_tokens > self.n_ctx:
             if not request.params.fit_context or len(tokens) >= self.n_ctx:
@@ -291,6 +296,10 @@ class LlamaEngine:
                 if 0 < len(prefix) < len(tokens) and tokens[: len(prefix)] == prefix:
                     found.add(len(prefix))
         return tuple(sorted(found))
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """The model's token ids for `text` (no beginning-of-sequence token)."""
+        return self._llm.tokenize(text.encode(), add_bos=False, special=special)
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))

@@ -24,6 +24,10 @@ class Sampler:
         if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
+        if params.logit_bias:
+            biases = (C.llama_logit_bias * len(params.logit_bias))(
+                *(C.llama_logit_bias(token, bias) for token, bias in params.logit_bias))
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
         if params.temperature <= 0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         else:
