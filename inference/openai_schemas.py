@@ -51,6 +51,9 @@ class SamplingFields:
         ge=-2, le=2, description="Penalise tokens by how often they were generated so far (default 0)."))
     presence_penalty: float | None = field(default=None, metadata=spec(
         ge=-2, le=2, description="Penalise tokens that were generated at all so far (default 0)."))
+    response_format: Any = field(default=None, metadata=spec(
+        description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}: '
+                    "enforced while sampling (README: structured output)."))
     logit_bias: Any = field(default=None, metadata=spec(
         description="An object of token id (as a string) -> bias from -100 to 100 added to that token's logit."))
     repetition_penalty: float | None = field(default=None, metadata=spec(

@@ -307,3 +307,83 @@ def test_bad_logit_bias_is_refused_naming_it(openai_client, model_id, bias, mess
         openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=2,
                                               extra_body={"logit_bias": bias})
     assert err.value.body["param"] == "logit_bias" and message in err.value.body["message"]
+
+
+CITY_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "country", "population"],
+               "properties": {"name": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+                              "population": {"type": "integer"}}}
+
+
+def test_json_object_answers_are_json_objects(openai_client, model_id):
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Give the name and country of the capital of France as JSON."),
+        response_format={"type": "json_object"}, temperature=0, max_tokens=200)
+    choice = reply.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:  # cut by max_tokens: says so, and what there is starts as an object
+        assert choice.finish_reason == "length" and choice.message.content.lstrip().startswith("{")
+
+
+def test_json_schema_answers_match_the_schema_streamed_or_not(openai_client, model_id):
+    import jsonschema
+
+    kwargs = dict(model=model_id, messages=ask("Facts about Paris."), temperature=0, max_tokens=120,
+                  response_format={"type": "json_schema",
+                                   "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}})
+    reply = openai_client.chat.completions.create(**kwargs)
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), CITY_SCHEMA)
+    streamed = "".join(c.choices[0].delta.content or "" for c in openai_client.chat.completions.create(
+        **kwargs, stream=True) if c.choices)
+    assert streamed == reply.choices[0].message.content
+
+
+def test_sdk_parse_with_a_pydantic_model(openai_client, model_id):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population: int
+
+    completion = openai_client.beta.chat.completions.parse(
+        model=model_id, messages=ask("Facts about Rome."), response_format=City, temperature=0, max_tokens=120)
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.name and abs(parsed.population) < 10 ** 16  # digits are bounded
+
+
+def test_an_answer_cut_by_max_tokens_says_length(openai_client, model_id):
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Facts about Paris."), temperature=0, max_tokens=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}})
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_structured_completions_too(openai_client, model_id):
+    reply = openai_client.completions.create(
+        model=model_id, prompt="A JSON object describing a cat:", temperature=0, max_tokens=60,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "cat", "schema": {
+            "type": "object", "properties": {"colour": {"enum": ["black", "white", "ginger"]}},
+            "required": ["colour"], "additionalProperties": False}}}})
+    assert json.loads(reply.choices[0].text)["colour"] in ("black", "white", "ginger")
+
+
+@pytest.mark.parametrize("schema, keyword", [
+    ({"type": "integer", "minimum": 3}, "minimum"), ({"not": {"type": "string"}}, "not"),
+    ({"type": "string", "format": "email"}, "email"), ({"type": "object", "patternProperties": {}}, "patternProperties"),
+])
+def test_schema_keywords_that_cannot_be_enforced_are_refused(openai_client, model_id, schema, keyword):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(
+            model=model_id, messages=ask("x"), max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert err.value.body["param"] == "response_format" and keyword in err.value.body["message"]
+
+
+@pytest.mark.parametrize("response_format", [{"type": "xml"}, {"type": "json_schema"}, "json"])
+def test_malformed_response_format_is_refused(openai_client, model_id, response_format):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("x"), max_tokens=4,
+                                              extra_body={"response_format": response_format})
+    assert err.value.body["param"] == "response_format"

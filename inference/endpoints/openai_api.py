@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
+from ..structured import StructuredOutput, parse_response_format
 from ..http import (
     SSE_DONE,
     ClientDisconnected,
@@ -70,10 +72,13 @@ def routes(service: Service) -> list[Route]:
         return json_response(model_object())
 
     # The embedded model gets SYSTEM_PROMPT when a chat brings none; an upstream's model has its own defaults.
-    add_system = settings.chat_system_prompt and settings.model_backend == "llama"
+    embedded = settings.model_backend == "llama"
+    add_system = settings.chat_system_prompt and embedded
 
-    def sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None) -> SamplingParams:
         return SamplingParams(
+            grammar=structured.grammar if structured is not None and embedded else None,
+            response_format=None if structured is None or embedded else json.dumps(body.response_format),
             max_tokens=max_tokens or settings.max_tokens_limit,
             stop=body.stop_sequences(),
             seed=body.seed,
@@ -96,7 +101,8 @@ def routes(service: Service) -> list[Route]:
         deterministic = body.temperature == 0 or body.seed is not None
         return service.cache.serve(request, material, deterministic, produce)
 
-    async def answer(request: Request, body: SamplingFields, generation_request: GenerationRequest) -> Response:
+    async def answer(request: Request, body: SamplingFields, generation_request: GenerationRequest,
+                     structured: StructuredOutput | None) -> Response:
         """Generate, then answer as a chat completion or a text completion, streamed or whole."""
         chat = generation_request.messages is not None
         if settings.log_prompts:
@@ -110,9 +116,10 @@ def routes(service: Service) -> list[Route]:
         meta = _Meta("chatcmpl" if chat else "cmpl", model_id(), service.engine.info.revision)
         if body.stream:
             outcome = StreamOutcome()
-            chunks = _stream(generation, meta, chat, body.include_usage, outcome)
+            chunks = _stream(generation, meta, chat, body.include_usage, outcome, structured)
             return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
         text = await _complete(generation, request)
+        _check_structured(structured, text, generation)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
         else:
@@ -131,18 +138,21 @@ def routes(service: Service) -> list[Route]:
             # As Ollama does with a model's default system message: small models answer far better with one.
             system = settings.system_prompt
             messages = (ChatMessage("system", system),) + messages
-        params = sampling(body, body.max_completion_tokens or body.max_tokens)
+        structured = parse_response_format(body.response_format, enforce=embedded)
+        params = sampling(body, body.max_completion_tokens or body.max_tokens, structured)
         generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
-        return await cached(request, raw, body, lambda: answer(request, body, generation_request), system=system)
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured),
+                            system=system)
 
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
         check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        params = sampling(body, body.max_tokens or 16)  # OpenAI's default for completions is 16 tokens
+        structured = parse_response_format(body.response_format, enforce=embedded)
+        params = sampling(body, body.max_tokens or 16, structured)  # OpenAI's default for completions: 16 tokens
         generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
-        return await cached(request, raw, body, lambda: answer(request, body, generation_request))
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured))
 
     errors = (400, 401, 404, 413, 429, 503)
     return [
@@ -234,8 +244,19 @@ class _Meta:
                 "system_fingerprint": self.fingerprint}
 
 
+def _check_structured(structured: StructuredOutput | None, text: str, generation: Generation) -> None:
+    """A finished structured answer must match its schema (a cut one, finish_reason "length", cannot)."""
+    if structured is None or generation.finish_reason != "stop":
+        return
+    violation = structured.violation(text)
+    if violation is not None:
+        raise HTTPError(502, "structured_output_invalid",
+                        f"the model's answer does not match the response_format ({violation})")
+
+
 async def _stream(
-    generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome
+    generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome,
+    structured: StructuredOutput | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE].
 
@@ -251,10 +272,15 @@ async def _stream(
     try:
         if chat:
             yield prefix + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        text = [] if structured is not None else None
         async for piece in generation:
+            if text is not None:
+                text.append(piece)
             yield prefix + piece_open + dump_json(piece) + piece_close
         if generation.finish_reason is None:
             return  # cancelled: the client is gone
+        if text is not None:
+            _check_structured(structured, "".join(text), generation)
         last = b'"delta":{}' if chat else b'"text":""'
         yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(generation.finish_reason) + b"}]}\n\n"
         if include_usage:

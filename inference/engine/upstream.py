@@ -207,6 +207,8 @@ class UpstreamEngine:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name):
                 payload[name] = getattr(params, name)
+        if params.response_format is not None:
+            payload["response_format"] = json.loads(params.response_format)
         if params.logit_bias:
             payload["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if params.repetition_penalty != 1.0:

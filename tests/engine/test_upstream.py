@@ -1,6 +1,7 @@
 """The upstream backend end to end: `python -m inference` with MODEL_BACKEND=openai in front of a second
 instance of this service (a real OpenAI-compatible server running the embedded model)."""
 
+import json
 import socket
 import threading
 
@@ -153,3 +154,18 @@ def test_gateway_needs_an_upstream_url():
 
     with pytest.raises(ConfigError, match="UPSTREAM_URL"):
         Settings.from_env({"MODEL_BACKEND": "openai"}, env_file=None)
+
+
+def test_structured_output_and_sampling_fields_pass_through(sdk, model_id):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"],
+              "additionalProperties": False}
+    kwargs = dict(model=model_id, messages=ask("Pick a colour."), temperature=0, max_tokens=20, frequency_penalty=1,
+                  logit_bias={"1": -5}, response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "pick", "schema": schema}})
+    reply = sdk.chat.completions.create(**kwargs)
+    assert json.loads(reply.choices[0].message.content)["colour"] in ("red", "green", "blue")
+    # The upstream enforces what the gateway passes on: its refusal comes back in the same shape.
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(**{**kwargs, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "pick", "schema": {"type": "integer", "minimum": 1}}}})
+    assert err.value.body["param"] == "response_format"

@@ -199,7 +199,7 @@ class LlamaEngine:
         vocab = model.vocab
         self._llm, self._ctx = llm, ctx
         self._scheduler = Scheduler(
-            ctx, slots=self.max_concurrent, max_queued=self.max_queued, n_vocab=model.n_vocab(),
+            ctx, slots=self.max_concurrent, max_queued=self.max_queued, n_vocab=model.n_vocab(), vocab=vocab,
             is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
             piece=lambda token: llm.detokenize([token]),
         )

@@ -2,10 +2,19 @@
 
 llama_sampler_sample reads the sequence's logits row inside llama.cpp and returns the token: nothing of the
 vocabulary-sized logits vector crosses into Python on the hot path.
+
+A grammar (structured output) is not in the chain: checking every one of the vocabulary's tokens against it each
+step halved the speed here. As llama.cpp's own common sampler does, the token is sampled without it, then only
+that token is checked; only when the grammar rejects it is the grammar applied to the whole vocabulary and the
+token sampled again from what it allows.
 """
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
+import numpy as np
 from llama_cpp import llama_cpp as C
 
 from ..base import SamplingParams
@@ -13,13 +22,14 @@ from ..base import SamplingParams
 # llama.cpp's sampling defaults (also llama-cpp-python's server's): they keep small models coherent.
 TOP_K = 40
 MIN_P = 0.05
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PENALTY_LAST_N = 64  # llama.cpp's default window for the penalties: the last 64 generated tokens
 
 
 class Sampler:
     """A sampler chain for one sequence; `close()` frees it (the scheduler does, exactly once)."""
 
-    def __init__(self, params: SamplingParams, seed: int, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, seed: int, n_vocab: int, vocab: Any = None) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
@@ -37,12 +47,56 @@ class Sampler:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(params.temperature))
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._chain = chain
+        self._grammar = None
+        if params.grammar is not None:
+            self._grammar = C.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not self._grammar:
+                self.close()
+                raise ValueError("llama.cpp could not parse the response format's grammar")
+            self._n_vocab = n_vocab
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
+            self._one = np.zeros(1, dtype=TOKEN_DATA)
 
     def sample(self, ctx: C.llama_context_p, index: int) -> int:
-        """The next token from the logits of batch row `index` (the chain also records it as accepted)."""
-        return C.llama_sampler_sample(self._chain, ctx, index)
+        """The next token from the logits of batch row `index` (recorded as accepted by the samplers)."""
+        if self._grammar is None:
+            return C.llama_sampler_sample(self._chain, ctx, index)
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
+        token = self._pick(logits, grammar_first=False)
+        if not self._allowed(token):
+            token = self._pick(logits, grammar_first=True)
+        C.llama_sampler_accept(self._grammar, token)
+        C.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: np.ndarray, *, grammar_first: bool) -> int:
+        candidates = self._candidates  # the samplers sort it in place: refilled every time
+        candidates["id"] = self._ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = _token_data_array(candidates)
+        if grammar_first:
+            C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        C.llama_sampler_apply(self._chain, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
+        array = _token_data_array(one)
+        C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        return bool(np.isfinite(one["logit"][0]))
 
     def close(self) -> None:
         if self._chain is not None:
             C.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            C.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _token_data_array(candidates: np.ndarray) -> C.llama_token_data_array:
+    return C.llama_token_data_array(
+        data=candidates.ctypes.data_as(C.llama_token_data_p), size=len(candidates), selected=-1, sorted=False)

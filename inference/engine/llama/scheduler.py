@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from llama_cpp import llama_cpp as C
 
@@ -57,6 +57,7 @@ class Scheduler:
         slots: int,
         max_queued: int,
         n_vocab: int,
+        vocab: Any,
         is_eog: Callable[[int], bool],
         piece: Callable[[int], bytes],
     ) -> None:
@@ -65,6 +66,7 @@ class Scheduler:
         self.slots = slots
         self.max_queued = max_queued
         self.n_vocab = n_vocab
+        self.vocab = vocab
         self.is_eog = is_eog
         self.piece = piece
         self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
@@ -201,7 +203,7 @@ class Scheduler:
         C.llama_memory_seq_rm(self.memory, slot, reuse, -1)
         sequence.slot = slot
         sequence.evaluated = sequence.n_past = sequence.reused = reuse
-        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab)
+        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab, self.vocab)
         self.prompt_tokens_reused += reuse
 
     # --- evaluation --------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Structured output: OpenAI's `response_format` as a grammar the sampler enforces, and a check of the result.
+
+`{"type": "json_object"}` and `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` become a
+llama.cpp GBNF grammar (llama-cpp-python's JSON-schema converter), applied while sampling, so the model can only
+write text that parses and matches. Fail closed: a schema keyword the converter would silently ignore is a 400
+naming it, never a quietly weaker guarantee. The converter bounds what a schema leaves open where a model could
+loop (at most 16 digits for a number, one optional space between tokens); strings stay as long as the schema lets
+them, up to max_tokens. After generation the text is validated against the schema (the `jsonschema` package).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import HTTPError
+
+FIELD = "response_format"
+# Keywords the grammar enforces.
+ENFORCED = {
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
+    "minLength", "maxLength",
+}
+# Keywords that only describe.
+ANNOTATIONS = {
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
+    "writeOnly",
+}
+FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
+# Nested schemas under these keywords (a schema, a list of schemas, or a name -> schema object).
+SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "prefixItems": "list", "anyOf": "list",
+              "oneOf": "list", "allOf": "list", "properties": "map", "$defs": "map", "definitions": "map"}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's response_format asks for: the grammar to sample under and the schema to check."""
+
+    kind: str  # "json_object" or "json_schema"
+    schema: dict[str, Any]
+    schema_json: str  # canonical: the grammar cache's key
+
+    @property
+    def grammar(self) -> str:
+        return _grammar(self.schema_json)
+
+    def violation(self, text: str) -> str | None:
+        """Why `text` is not a valid answer, or None when it is."""
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return f"not JSON: {exc}"
+        from jsonschema.exceptions import best_match
+
+        error = best_match(_validator(self.schema_json).iter_errors(value))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+        return f"at {where}: {error.message}"
+
+
+def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutput | None:
+    """The request's response_format (None for absent or {"type": "text"}); a 400 naming what is wrong.
+
+    `enforce`: this service samples under the grammar (embedded engine), so every keyword must be one it
+    enforces. An upstream enforces the schema itself: only the shape is checked here, and the answer after."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _refuse('must be an object whose "type" is "text", "json_object" or "json_schema"')
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(kind, ANY_OBJECT, json.dumps(ANY_OBJECT))
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise _refuse('"json_schema" must be an object with a "name" and a "schema"')
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _refuse('"json_schema.schema" must be a JSON schema object')
+    if enforce:
+        check_schema(schema, "json_schema.schema")
+    schema_json = json.dumps(schema, sort_keys=True)
+    try:
+        _validator(schema_json)
+        if enforce:
+            _grammar(schema_json)
+    except HTTPError:
+        raise
+    except Exception as exc:  # the converter or the validator cannot make sense of it
+        raise _refuse(f'"json_schema.schema" cannot be enforced: {exc}') from None
+    return StructuredOutput(kind, schema, schema_json)
+
+
+def check_schema(schema: Any, path: str) -> None:
+    """Refuse (400) any keyword the grammar would not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise _refuse(f"{path} must be a schema object")
+    for key, sub in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key not in ENFORCED:
+            raise _refuse(f'{path} uses "{key}", which structured output cannot enforce; remove it or '
+                          "express it with the supported keywords (see the README)")
+        if key == "format" and sub not in FORMATS:
+            raise _refuse(f'{path} uses "format": {json.dumps(sub)}, which structured output cannot enforce '
+                          f"(supported: {', '.join(sorted(FORMATS))})")
+        kind = SUBSCHEMAS.get(key)
+        if kind == "one":
+            check_schema(sub, f"{path}.{key}")
+        elif kind == "list":
+            if not isinstance(sub, list):
+                raise _refuse(f"{path}.{key} must be a list of schemas")
+            for i, item in enumerate(sub):
+                check_schema(item, f"{path}.{key}[{i}]")
+        elif kind == "map":
+            if not isinstance(sub, dict):
+                raise _refuse(f"{path}.{key} must be an object of schemas")
+            for name, item in sub.items():
+                check_schema(item, f"{path}.{key}.{name}")
+
+
+def _refuse(why: str) -> HTTPError:
+    return HTTPError(422, "validation_error", f"{FIELD}: {why}", field=FIELD)
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(schema_json: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json)
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
