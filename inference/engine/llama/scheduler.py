@@ -231,7 +231,7 @@ class Scheduler:
                 sequence.evaluated = sequence.n_past = end
                 budget -= end - start
                 if not sequence.prefilling:
-                    self._sampled(sequence, sequence.sampler.sample(self.ctx, end - start - 1))
+                    self._sample(sequence, end - start - 1)
                     self._deliver()  # its first token goes out now, not after the other prompts
             if budget <= 0:
                 return
@@ -245,7 +245,16 @@ class Scheduler:
         self._fill([(s.pending, s.n_past, s.slot, True) for s in generating])
         for row, sequence in enumerate(generating):
             sequence.n_past += 1
-            self._sampled(sequence, sequence.sampler.sample(self.ctx, row))
+            self._sample(sequence, row)
+
+    def _sample(self, sequence: Sequence, row: int) -> None:
+        try:
+            token = sequence.sampler.sample(self.ctx, row)
+        except Exception as exc:  # this sequence's sampler failed (e.g. its grammar allows nothing): it alone ends
+            log.exception("sampling failed")
+            self._retire(sequence, None, error=exc)
+            return
+        self._sampled(sequence, token)
 
     def _sampled(self, sequence: Sequence, token: int) -> None:
         sequence.pending = None
