@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API (/v1), following the OpenAI API reference.
 
-Fields OpenAI defines but this service does not act on yet (logprobs, tools, response_format, ...) are accepted
-and ignored, as are unknown ones: clients send them routinely. Fields it does act on are type-checked.
+Fields it acts on are type-checked here. OpenAI fields it does not implement are refused by name in the handlers
+(endpoints/openai_api.py); metadata fields and other servers' extensions are accepted: clients send them routinely.
 """
 
 from __future__ import annotations

@@ -93,12 +93,34 @@ def test_completions_plain_and_streamed(openai_client, model_id):
     assert "".join(c.choices[0].text for c in stream) == reply.choices[0].text
 
 
-def test_unknown_openai_fields_are_ignored(openai_client, model_id):
+def test_metadata_fields_and_unknown_extensions_are_accepted(openai_client, model_id):
     reply = openai_client.chat.completions.create(
         model=model_id, messages=ask("Hi"), max_tokens=2, presence_penalty=0.5, logit_bias={"1": 1},
-        response_format={"type": "text"}, user="tester", extra_body={"some_future_field": {"x": 1}},
+        response_format={"type": "text"}, user="tester", metadata={"team": "a"}, store=False,
+        service_tier="auto", tool_choice="none", modalities=["text"],
+        extra_body={"some_future_field": {"x": 1}},
     )
     assert reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
+])
+def test_fields_this_service_does_not_implement_are_refused_by_name(openai_client, model_id, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=2,
+                                              extra_body={field: value})
+    assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 3)])
+def test_completion_fields_not_implemented_are_refused(openai_client, model_id, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.completions.create(model=model_id, prompt="x", max_tokens=2, extra_body={field: value})
+    assert err.value.body["param"] == field
 
 
 @pytest.mark.parametrize("kwargs, param", [

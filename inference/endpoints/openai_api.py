@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+
+from opentelemetry import trace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
@@ -23,7 +25,7 @@ from ..http import (
 )
 from ..middleware.cache import labelled_errors
 from ..middleware.identity import client_id
-from ..middleware.metrics import PROMPT_KEY
+from ..middleware.metrics import PROMPT_KEY, USER_KEY
 from ..openai_schemas import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -131,6 +133,8 @@ def routes(service: Service) -> list[Route]:
     async def chat_completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
+        _refuse_unsupported(raw, CHAT_REFUSED)
+        _record_user(request, body)
         check_model(body.model)
         messages = tuple(_chat_message(m) for m in body.messages)
         system = None
@@ -147,6 +151,8 @@ def routes(service: Service) -> list[Route]:
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
         body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
+        _refuse_unsupported(raw, COMPLETION_REFUSED)
+        _record_user(request, body)
         check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         structured = parse_response_format(body.response_format, enforce=embedded)
@@ -175,6 +181,42 @@ def _effective(body: SamplingFields) -> dict[str, float]:
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0,
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
+
+
+# OpenAI request fields this service does not implement: refused (400, naming the field) rather than ignored,
+# because an app that sends one relies on it. Each: (is this value asking for it?, why it is refused).
+_ASKS = lambda value: value not in (None, False, 0, [], {})  # noqa: E731
+CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": (_ASKS, "log probabilities are not supported yet"),
+    "top_logprobs": (lambda v: v is not None, "log probabilities are not supported yet"),
+    "tools": (_ASKS, 'tool calls are not supported yet (send no tools, or tool_choice "none")'),
+    "tool_choice": (lambda v: v not in (None, "none"), "tool calls are not supported yet"),
+    "functions": (_ASKS, "function calling (deprecated by OpenAI) is not supported"),
+    "function_call": (lambda v: v not in (None, "none"), "function calling (deprecated by OpenAI) is not supported"),
+    "audio": (lambda v: v is not None, "this model reads and writes text only"),
+    "modalities": (lambda v: v not in (None, ["text"]), "this model writes text only"),
+    "prediction": (lambda v: v is not None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is not None, "web search is not supported"),
+}
+COMPLETION_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": (lambda v: v is not None, "log probabilities are not supported yet"),
+    "best_of": (lambda v: v not in (None, 1), "only best_of 1 is supported"),
+}
+
+
+def _record_user(request: Request, body: SamplingFields) -> None:
+    """OpenAI's `user` (the caller's id for its end user): into the request log and the server span."""
+    if body.user:
+        request.scope[USER_KEY] = body.user[:256]
+        trace.get_current_span().set_attribute("user.id", body.user[:256])
+
+
+def _refuse_unsupported(raw: Any, refused: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    if not isinstance(raw, dict):
+        return
+    for name, (asks, why) in refused.items():
+        if name in raw and asks(raw[name]):
+            raise HTTPError(400, "unsupported_parameter", f"{name}: {why}", field=name)
 
 
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries

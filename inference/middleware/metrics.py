@@ -25,6 +25,7 @@ UNMATCHED = "unmatched"
 CACHE_HEADER = b"x-cache"
 USAGE_KEY = "usage"  # scope key: {"prompt_tokens", "completion_tokens"} set when a generation ends
 PROMPT_KEY = "prompt"  # scope key: the prompt text, set by handlers only when LOG_PROMPTS=true
+USER_KEY = "openai.user"  # scope key: the OpenAI request's `user` (the caller's id for its end user)
 
 
 def metrics(
@@ -111,6 +112,8 @@ def _log(scope: Scope, method: str, route: str, status: int, elapsed: float, cac
         "request_id": scope.get("request_id"),
         "trace_id": trace_id(),
     }
+    if USER_KEY in scope:
+        fields["user"] = scope[USER_KEY]
     if PROMPT_KEY in scope:
         fields["prompt"] = scope[PROMPT_KEY]
     if as_json:

@@ -53,7 +53,8 @@ def test_openai_responses_are_cached_whole(engine, cache_settings):
      [{"prompt": "Hi!"}, {"max_tokens": 4}, {"temperature": 0.1}, {"top_p": 0.9}, {"stop": ["x"]}, {"seed": 1},
       {"stream": True}]),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0},
-     [{"prompt": "Hi!"}, {"max_tokens": 4}, {"seed": 2}, {"stop": "x"}, {"user": "someone"}, {"logprobs": 1},
+     [{"prompt": "Hi!"}, {"max_tokens": 4}, {"seed": 2}, {"stop": "x"}, {"user": "someone"}, {"frequency_penalty": 0.5},
+      {"some_extension": 1},
       {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}]),
 ])
 def test_every_parameter_is_part_of_the_key(engine, cache_settings, path, base, variations):

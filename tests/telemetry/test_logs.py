@@ -49,3 +49,17 @@ def test_text_format_is_readable(model_file):
         proc.stop()
     line = next(line for line in proc.output().splitlines() if "inference.access" in line and "/nope" in line)
     assert "method=GET route=unmatched path=/nope status=404" in line and "request_id=abc" in line
+
+
+def test_the_openai_user_field_is_in_the_request_log(model_file):
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0]), "LOG_FORMAT": "json"})
+    try:
+        proc.wait_ready()
+        model = httpx.get(f"{proc.url}/v1/models", timeout=30).json()["data"][0]["id"]
+        reply = httpx.post(f"{proc.url}/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "end-user-7"})
+        assert reply.status_code == 200
+    finally:
+        proc.stop()
+    (line,) = [line for line in request_lines(proc.output()) if line["route"] == "/v1/chat/completions"]
+    assert line["user"] == "end-user-7"
