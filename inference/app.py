@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import Settings
-from .endpoints import infer, meta, openai_api
+from .endpoints import infer, meta, openai_api, tokens
 from .engine.base import Engine
 from .http import ASGIApp, Receive, Scope, Send
 from .middleware.auth import auth
@@ -72,6 +72,7 @@ def build_app(
     routes += meta.routes(service, routes)
     routes += infer.routes(service)
     routes += openai_api.routes(service)
+    routes += tokens.routes(service)
     limited = frozenset(route.template for route in routes if route.limited)
 
     # The request path, innermost first; read bottom-up it is the order a request meets them.

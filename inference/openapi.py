@@ -20,6 +20,7 @@ ERROR_DESCRIPTIONS = {
     422: "A field is missing or invalid; `error.details` lists every one",
     429: "Rate limited; see Retry-After",
     500: "Internal error; `error.request_id` identifies it in the logs",
+    501: "Not supported by this backend",
     502: "The upstream failed",
     503: "Not ready or overloaded; see Retry-After",
     504: "The upstream timed out",

@@ -14,15 +14,21 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 def test_no_request_of_any_shape_breaks_the_api(engine, tmp_path):
     # Tiny answers keep a few thousand generated requests quick; the cache is off so each one really runs.
     server = InProcessServer(build_app(base_settings(max_tokens_limit=8), engine=engine))
+    command = [str(SCHEMATHESIS), "run", f"{server.url}/openapi.json", "--checks", "all", "--max-examples", "25",
+               "--seed", "20261127", "--no-color"]
     try:
         server.wait_ready()
-        result = subprocess.run(
-            [str(SCHEMATHESIS), "run", f"{server.url}/openapi.json", "--checks", "all", "--max-examples", "25",
-             "--seed", "20261127", "--no-color"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )
+        runs = [
+            subprocess.run([*command, "--exclude-path", "/detokenize"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600),
+            # Which token ids exist depends on the model, so the document cannot bound them: an id beyond the
+            # vocabulary is a schema-valid request that is rightly refused (422). Every other check still applies.
+            subprocess.run([*command, "--include-path", "/detokenize", "--exclude-checks", "positive_data_acceptance"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600),
+        ]
     finally:
         server.stop()
-    tail = result.stdout[-4000:]
-    assert result.returncode == 0, tail
-    assert "No issues found" in tail, tail
+    for result in runs:
+        tail = result.stdout[-4000:]
+        assert result.returncode == 0, tail
+        assert "No issues found" in tail, tail

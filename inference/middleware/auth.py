@@ -10,7 +10,7 @@ from ..http import ASGIApp, Receive, Scope, Send
 from .identity import CLIENT_KEY
 
 AUTHORIZATION = b"authorization"
-PROTECTED_PREFIXES = ("/v1/", "/api/v1/")
+PROTECTED_PREFIXES = ("/v1/", "/api/v1/", "/tokenize", "/detokenize")
 
 
 def _bearer(scope: Scope) -> str | None:

@@ -253,14 +253,19 @@ class LlamaEngine:
         rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         return self._llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
 
+    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]:
+        """The tokens of `messages` through the model's chat template (no context-length check)."""
+        formatter = self._formatter if add_generation_prompt else self._prefix_formatter
+        try:
+            return self._render(formatter, messages)
+        except Exception as exc:  # a template's raise_exception() or any Jinja error
+            raise InvalidPrompt(f"the model's chat template rejected the messages: {exc}") from None
+
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], tuple[int, ...], int]:
         llm = self._llm
         boundaries: tuple[int, ...] = ()
         if request.messages is not None:
-            try:
-                tokens = self._render(self._formatter, request.messages)
-            except Exception as exc:  # a template's raise_exception() or any Jinja error
-                raise InvalidPrompt(f"the model's chat template rejected the messages: {exc}") from None
+            tokens = self.render(request.messages)
             boundaries = self._boundaries(request.messages, tokens)
         else:
             tokens = llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
@@ -297,9 +302,17 @@ class LlamaEngine:
                     found.add(len(prefix))
         return tuple(sorted(found))
 
-    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
-        """The model's token ids for `text` (no beginning-of-sequence token)."""
-        return self._llm.tokenize(text.encode(), add_bos=False, special=special)
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """The model's token ids for `text` (`add_bos`: with the beginning-of-sequence token, if it has one)."""
+        return self._llm.tokenize(text.encode(), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of `tokens`; ids the model does not have are a ValueError."""
+        n_vocab = self._llm.n_vocab()
+        unknown = [t for t in tokens if not 0 <= t < n_vocab]
+        if unknown:
+            raise ValueError(f"token ids this model does not have: {unknown[:5]} (its vocabulary is 0 .. {n_vocab - 1})")
+        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))

@@ -1,0 +1,70 @@
+"""POST /tokenize and /detokenize: the model's own tokenizer, in the shapes llama.cpp's server and vLLM use, so
+clients can budget a context before they send a request. Behind API keys; not rate-limited (no generation)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..config import Settings
+from ..engine.base import ChatMessage, EngineError
+from ..errors import HTTPError
+from ..http import Request, Response, json_response
+from ..router import Route
+from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from ..service import Service, http_error_of
+from ..validation import from_json
+from .openai_api import ROLES
+
+
+def routes(service: Service) -> list[Route]:
+    settings: Settings = service.settings
+
+    def engine_with_tokenizer():
+        service.model()  # 503 while loading
+        engine = service.engine
+        if not hasattr(engine, "tokenize"):
+            raise HTTPError(501, "not_supported", "the upstream backend has no tokenizer here; ask the upstream's "
+                                                  "own /tokenize")
+        return engine
+
+    async def tokenize(request: Request) -> Response:
+        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes))
+        engine = engine_with_tokenizer()
+        special = body.add_special if body.add_special is not None else body.add_special_tokens
+        try:
+            if body.content is None and body.prompt is None and body.messages is not None:
+                tokens = await asyncio.to_thread(engine.render, chat_messages(body),
+                                                 add_generation_prompt=body.add_generation_prompt)
+            else:
+                text = body.content if body.content is not None else body.prompt or ""
+                add_bos = special if special is not None else body.prompt is not None
+                tokens = await asyncio.to_thread(engine.tokenize, text, special=True, add_bos=add_bos)
+        except EngineError as exc:
+            raise http_error_of(exc) from None
+        answer: dict = {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info.context_length}
+        if body.with_pieces:
+            answer["tokens"] = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
+        return json_response(answer)
+
+    def chat_messages(body: TokenizeRequest) -> tuple[ChatMessage, ...]:
+        messages = tuple(ChatMessage(ROLES.get(m.role, m.role), m.content if isinstance(m.content, str) else
+                                     "".join(p.text for p in m.content or ())) for m in body.messages)
+        if settings.chat_system_prompt and not any(m.role == "system" for m in messages):
+            messages = (ChatMessage("system", settings.system_prompt),) + messages  # as /v1/chat/completions
+        return messages
+
+    async def detokenize(request: Request) -> Response:
+        body = from_json(DetokenizeRequest, await request.json(settings.max_body_bytes))
+        engine = engine_with_tokenizer()
+        try:
+            text = await asyncio.to_thread(engine.detokenize, body.tokens)
+        except ValueError as exc:
+            raise HTTPError(422, "validation_error", f"tokens: {exc}", field="tokens") from None
+        return json_response({"content": text, "prompt": text})
+
+    return [
+        Route("POST", "/tokenize", tokenize, summary="The model's tokens for a text or a chat (llama.cpp / vLLM shape)",
+              request_schema=TokenizeRequest, response_schema=TokenizeResponse, errors=(400, 401, 413, 422, 501, 503)),
+        Route("POST", "/detokenize", detokenize, summary="The text of a list of token ids",
+              request_schema=DetokenizeRequest, response_schema=DetokenizeResponse, errors=(400, 401, 413, 422, 501, 503)),
+    ]
