@@ -145,37 +145,33 @@ def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_f
         small.shutdown()
 
 
-def test_utf8_split_across_tokens_is_assembled_before_it_is_sent():
+def fed(params, pieces, finish):
+    """What a sequence hands the event loop when fed these token bytes, and add_text's stop answers."""
     loop = asyncio.new_event_loop()
     try:
-        sequence = Sequence([1], (), SamplingParams(max_tokens=8), 0, loop)
-        encoded = "日本 ☕".encode()
-        for i in range(len(encoded)):  # one byte per token, the worst case
-            assert sequence.add_text(encoded[i:i + 1]) is False
-        sequence.finish("length")
+        sequence = Sequence([1], (), params, 0, loop)
+        stopped = [sequence.add_text(piece) for piece in pieces]
+        sequence.finish(finish, stopped=any(stopped))
         loop.run_until_complete(asyncio.sleep(0))
         items = []
         while not sequence.out.empty():
             items.append(sequence.out.get_nowait())
+        return items, stopped
     finally:
         loop.close()
+
+
+def test_utf8_split_across_tokens_is_assembled_before_it_is_sent():
+    encoded = "日本 ☕".encode()
+    items, stopped = fed(SamplingParams(max_tokens=8), [encoded[i:i + 1] for i in range(len(encoded))], "length")
+    assert not any(stopped)  # one byte per token, the worst case
     text = [item for item in items if isinstance(item, str)]
     assert "".join(text) == "日本 ☕" and all("\ufffd" not in piece for piece in text)
     assert isinstance(items[-1], Finished)
 
 
 def test_stop_sequence_spanning_tokens_is_cut_and_never_sent():
-    loop = asyncio.new_event_loop()
-    try:
-        sequence = Sequence([1], (), SamplingParams(max_tokens=8, stop=("lo Wo",)), 0, loop)
-        stopped = [sequence.add_text(p) for p in (b"Hel", b"lo W", b"orld")]
-        sequence.finish("stop", stopped=True)
-        loop.run_until_complete(asyncio.sleep(0))
-        items = []
-        while not sequence.out.empty():
-            items.append(sequence.out.get_nowait())
-    finally:
-        loop.close()
+    items, stopped = fed(SamplingParams(max_tokens=8, stop=("lo Wo",)), [b"Hel", b"lo W", b"orld"], "stop")
     assert stopped == [False, False, True]
     assert "".join(i for i in items if isinstance(i, str)) == "Hel"
 
