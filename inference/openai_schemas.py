@@ -20,13 +20,15 @@ class ContentPart:
 
 @dataclass(frozen=True)
 class ChatCompletionMessage:
-    role: Literal["system", "developer", "user", "assistant"] = field(
-        metadata=spec(description="`developer` is treated as `system`.")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = field(
+        metadata=spec(description="`developer` is treated as `system`; `tool` carries a tool call's result.")
     )
     content: str | list[ContentPart] | None = field(
-        metadata=spec(description="Text, or a list of text parts (joined).")
+        default=None, metadata=spec(description="Text, or a list of text parts (joined).")
     )
     name: str | None = None
+    tool_calls: Any = field(default=None, metadata=spec(description="An assistant turn's tool calls (history)."))
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)

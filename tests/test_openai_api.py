@@ -104,8 +104,7 @@ def test_metadata_fields_and_unknown_extensions_are_accepted(openai_client, mode
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("logprobs", True), ("top_logprobs", 3), ("functions", [{"name": "f"}]), ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
 ])
@@ -409,3 +408,70 @@ def test_malformed_response_format_is_refused(openai_client, model_id, response_
         openai_client.chat.completions.create(model=model_id, messages=ask("x"), max_tokens=4,
                                               extra_body={"response_format": response_format})
     assert err.value.body["param"] == "response_format"
+
+
+def city_tool(name, what):
+    return {"type": "function", "function": {"name": name, "description": f"Current {what} in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"],
+        "additionalProperties": False}}}
+
+
+TOOLS = [city_tool("get_weather", "weather"), city_tool("get_time", "time")]
+WEATHER = ask("What's the weather in Paris?")
+
+
+def test_required_tool_call_comes_back_in_openai_shape(openai_client, model_id):
+    reply = openai_client.chat.completions.create(model=model_id, messages=WEATHER, tools=TOOLS,
+                                                  tool_choice="required", temperature=0, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in ("get_weather", "get_time")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+
+
+def test_named_tool_call_streamed_assembles_to_the_same_call(openai_client, model_id):
+    kwargs = dict(model=model_id, messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=60,
+                  tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = openai_client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    name, arguments, finish, ids = None, "", None, set()
+    for chunk in openai_client.chat.completions.create(**kwargs, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            name = name or delta.function.name
+            arguments += delta.function.arguments or ""
+            ids.add(delta.id) if delta.id else None
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert (name, arguments, finish) == ("get_time", whole.function.arguments, "tool_calls") and len(ids) == 1
+    assert isinstance(json.loads(arguments)["city"], str)
+
+
+def test_tool_results_in_the_history_are_accepted(openai_client, model_id):
+    call = openai_client.chat.completions.create(
+        model=model_id, messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0].message.tool_calls[0]
+    history = WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    reply = openai_client.chat.completions.create(model=model_id, messages=history, temperature=0, max_tokens=40)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.content
+
+
+def test_tool_choice_none_ignores_the_tools(openai_client, model_id):
+    reply = openai_client.chat.completions.create(model=model_id, messages=WEATHER, tools=TOOLS, tool_choice="none",
+                                                  temperature=0, max_tokens=8)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", '"auto" needs a chat template'),
+    ({"tools": TOOLS}, "tool_choice", "required"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+      "tool_choice": "required"}, "tools", '"not"'),
+])
+def test_tool_requests_that_cannot_be_served_are_refused(openai_client, model_id, kwargs, param, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=WEATHER, max_tokens=4, **kwargs)
+    assert err.value.body["param"] == param and message in err.value.body["message"]

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
 from ..structured import StructuredOutput, parse_response_format
+from ..tools import ToolPlan, new_call_id, plan_tools, render_history
 from ..http import (
     SSE_DONE,
     ClientDisconnected,
@@ -104,7 +105,7 @@ def routes(service: Service) -> list[Route]:
         return service.cache.serve(request, material, deterministic, produce)
 
     async def answer(request: Request, body: SamplingFields, generation_request: GenerationRequest,
-                     structured: StructuredOutput | None) -> Response:
+                     structured: StructuredOutput | None, plan: ToolPlan | None = None) -> Response:
         """Generate, then answer as a chat completion or a text completion, streamed or whole."""
         chat = generation_request.messages is not None
         if settings.log_prompts:
@@ -118,15 +119,20 @@ def routes(service: Service) -> list[Route]:
         meta = _Meta("chatcmpl" if chat else "cmpl", model_id(), service.engine.info.revision)
         if body.stream:
             outcome = StreamOutcome()
-            chunks = _stream(generation, meta, chat, body.include_usage, outcome, structured)
+            chunks = _stream(generation, meta, chat, body.include_usage, outcome, structured, plan)
             return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
         text = await _complete(generation, request)
         _check_structured(structured, text, generation)
-        if chat:
+        finish = generation.finish_reason
+        if plan is not None:
+            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
+                                              "tool_calls": plan.calls(text)}}
+            finish = "tool_calls" if finish == "stop" else finish
+        elif chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
         else:
             choice = {"index": 0, "text": text}
-        choice.update(logprobs=None, finish_reason=generation.finish_reason)
+        choice.update(logprobs=None, finish_reason=finish)
         return json_response({**meta.head("chat.completion" if chat else "text_completion"),
                               "choices": [choice], "usage": _usage(generation)})
 
@@ -143,9 +149,19 @@ def routes(service: Service) -> list[Route]:
             system = settings.system_prompt
             messages = (ChatMessage("system", system),) + messages
         structured = parse_response_format(body.response_format, enforce=embedded)
+        plan = plan_tools(raw.get("tools"), raw.get("tool_choice"), enforce=embedded)
+        if plan is not None:
+            if structured is not None:
+                raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
+                                "arguments already follow the function's schema)", field="response_format")
+            if not embedded:
+                raise HTTPError(400, "unsupported_parameter", "tools: tool calls through the upstream backend are "
+                                "not supported yet", field="tools")
+            structured = plan.structured
+            messages = _with_instruction(messages, plan.instruction)
         params = sampling(body, body.max_completion_tokens or body.max_tokens, structured)
         generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
-        return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured),
+        return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured, plan),
                             system=system)
 
     async def completions(request: Request) -> Response:
@@ -189,8 +205,6 @@ _ASKS = lambda value: value not in (None, False, 0, [], {})  # noqa: E731
 CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logprobs": (_ASKS, "log probabilities are not supported yet"),
     "top_logprobs": (lambda v: v is not None, "log probabilities are not supported yet"),
-    "tools": (_ASKS, 'tool calls are not supported yet (send no tools, or tool_choice "none")'),
-    "tool_choice": (lambda v: v not in (None, "none"), "tool calls are not supported yet"),
     "functions": (_ASKS, "function calling (deprecated by OpenAI) is not supported"),
     "function_call": (lambda v: v not in (None, "none"), "function calling (deprecated by OpenAI) is not supported"),
     "audio": (lambda v: v is not None, "this model reads and writes text only"),
@@ -245,6 +259,10 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
+    history = render_history({"role": message.role, "content": message.content if isinstance(message.content, str)
+                              else None, "tool_calls": message.tool_calls, "tool_call_id": message.tool_call_id})
+    if history is not None:
+        return ChatMessage(*history)  # type: ignore[arg-type]
     content = message.content
     if content is None:
         text = ""
@@ -286,6 +304,13 @@ class _Meta:
                 "system_fingerprint": self.fingerprint}
 
 
+def _with_instruction(messages: tuple[ChatMessage, ...], instruction: str) -> tuple[ChatMessage, ...]:
+    """The tool instruction joins the system message (or becomes one)."""
+    if messages and messages[0].role == "system":
+        return (ChatMessage("system", f"{messages[0].content}\n\n{instruction}"),) + messages[1:]
+    return (ChatMessage("system", instruction),) + messages
+
+
 def _check_structured(structured: StructuredOutput | None, text: str, generation: Generation) -> None:
     """A finished structured answer must match its schema (a cut one, finish_reason "length", cannot)."""
     if structured is None or generation.finish_reason != "stop":
@@ -298,7 +323,7 @@ def _check_structured(structured: StructuredOutput | None, text: str, generation
 
 async def _stream(
     generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome,
-    structured: StructuredOutput | None = None,
+    structured: StructuredOutput | None = None, plan: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE].
 
@@ -315,16 +340,32 @@ async def _stream(
         if chat:
             yield prefix + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         text = [] if structured is not None else None
+        call_id = new_call_id() if plan is not None else ""
+        if plan is not None and plan.single is not None:
+            # One function: its name now, its arguments as they are generated, as OpenAI streams them.
+            opening = {"index": 0, "id": call_id, "type": "function", "function": {"name": plan.single, "arguments": ""}}
+            yield prefix + b'"delta":{"tool_calls":[' + dump_json(opening) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
         async for piece in generation:
             if text is not None:
                 text.append(piece)
-            yield prefix + piece_open + dump_json(piece) + piece_close
+            if plan is None:
+                yield prefix + piece_open + dump_json(piece) + piece_close
+            elif plan.single is not None:
+                delta = {"index": 0, "function": {"arguments": piece}}
+                yield prefix + b'"delta":{"tool_calls":[' + dump_json(delta) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
         if generation.finish_reason is None:
             return  # cancelled: the client is gone
+        finish = generation.finish_reason
         if text is not None:
             _check_structured(structured, "".join(text), generation)
+        if plan is not None:
+            if plan.single is None:  # which function: known once the whole answer is there
+                (call,) = plan.calls("".join(text or ()))
+                whole = {"index": 0, **call, "id": call_id}
+                yield prefix + b'"delta":{"tool_calls":[' + dump_json(whole) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
+            finish = "tool_calls" if finish == "stop" else finish
         last = b'"delta":{}' if chat else b'"text":""'
-        yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(generation.finish_reason) + b"}]}\n\n"
+        yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(finish) + b"}]}\n\n"
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(generation)})
         outcome.complete = True

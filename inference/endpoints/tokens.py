@@ -28,7 +28,8 @@ def routes(service: Service) -> list[Route]:
         return engine
 
     async def tokenize(request: Request) -> Response:
-        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes))
+        # Open like /v1 (its messages are the same objects, and vLLM's clients send more fields).
+        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes), allow_unknown=True)
         engine = engine_with_tokenizer()
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
@@ -64,7 +65,8 @@ def routes(service: Service) -> list[Route]:
 
     return [
         Route("POST", "/tokenize", tokenize, summary="The model's tokens for a text or a chat (llama.cpp / vLLM shape)",
-              request_schema=TokenizeRequest, response_schema=TokenizeResponse, errors=(400, 401, 413, 422, 501, 503)),
+              request_schema=TokenizeRequest, response_schema=TokenizeResponse, errors=(400, 401, 413, 422, 501, 503),
+              allow_unknown_fields=True),
         Route("POST", "/detokenize", detokenize, summary="The text of a list of token ids",
               request_schema=DetokenizeRequest, response_schema=DetokenizeResponse, errors=(400, 401, 413, 422, 501, 503)),
     ]
