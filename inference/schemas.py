@@ -24,6 +24,8 @@ class InferRequest:
         metadata=spec(min_length=1, max_items=4, description="Up to 4 sequences that end generation; not returned."),
     )
     seed: int | None = field(default=None, metadata=spec(description="Makes sampling repeatable."))
+    json_schema: dict[str, Any] | None = field(default=None, metadata=spec(
+        description="A JSON schema the output must match, enforced while sampling (README: structured output)."))
     stream: bool = field(
         default=False,
         metadata=spec(description="Answer with server-sent events: `token` {text}, then `done` (the response "

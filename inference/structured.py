@@ -24,10 +24,14 @@ ENFORCED = {
     "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
     "minLength", "maxLength",
 }
-# Keywords that only describe.
-ANNOTATIONS = {
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
-    "writeOnly",
+# JSON Schema keywords that assert something the grammar cannot enforce: refused. Keywords outside the JSON Schema
+# vocabulary (vendor "x-..." and the like) assert nothing, per the specification, and are ignored.
+UNENFORCED = {
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "patternProperties",
+    "propertyNames", "minProperties", "maxProperties", "uniqueItems", "contains", "minContains", "maxContains",
+    "multipleOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "unevaluatedProperties",
+    "unevaluatedItems", "additionalItems", "contentEncoding", "contentMediaType", "contentSchema", "$dynamicRef",
+    "$recursiveRef",
 }
 FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 # Nested schemas under these keywords (a schema, a list of schemas, or a name -> schema object).
@@ -46,7 +50,7 @@ class StructuredOutput:
 
     @property
     def grammar(self) -> str:
-        return _grammar(self.schema_json)
+        return _grammar(json.dumps(_enforced(self.schema), sort_keys=True))
 
     def violation(self, text: str) -> str | None:
         """Why `text` is not a valid answer, or None when it is."""
@@ -89,7 +93,7 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
     try:
         _validator(schema_json)
         if enforce:
-            _grammar(schema_json)
+            _grammar(json.dumps(_enforced(schema), sort_keys=True))
     except HTTPError:
         raise
     except Exception as exc:  # the converter or the validator cannot make sense of it
@@ -104,9 +108,9 @@ def check_schema(schema: Any, path: str) -> None:
     if not isinstance(schema, dict):
         raise _refuse(f"{path} must be a schema object")
     for key, sub in schema.items():
-        if key in ANNOTATIONS:
-            continue
-        if key not in ENFORCED:
+        if key not in ENFORCED and key not in UNENFORCED:
+            continue  # an annotation, or no JSON Schema keyword at all: asserts nothing
+        if key in UNENFORCED:
             raise _refuse(f'{path} uses "{key}", which structured output cannot enforce; remove it or '
                           "express it with the supported keywords (see the README)")
         if key == "format" and sub not in FORMATS:
@@ -125,6 +129,26 @@ def check_schema(schema: Any, path: str) -> None:
                 raise _refuse(f"{path}.{key} must be an object of schemas")
             for name, item in sub.items():
                 check_schema(item, f"{path}.{key}.{name}")
+
+
+def _enforced(schema: Any) -> Any:
+    """The schema with only the keywords the grammar acts on (the converter trips over others)."""
+    if not isinstance(schema, dict):
+        return schema
+    kept: dict[str, Any] = {}
+    for key, sub in schema.items():
+        if key not in ENFORCED:
+            continue
+        kind = SUBSCHEMAS.get(key)
+        if kind == "one":
+            kept[key] = _enforced(sub)
+        elif kind == "list":
+            kept[key] = [_enforced(item) for item in sub]
+        elif kind == "map":
+            kept[key] = {name: _enforced(item) for name, item in sub.items()}
+        else:
+            kept[key] = sub
+    return kept
 
 
 def _refuse(why: str) -> HTTPError:

@@ -186,6 +186,12 @@ def _convert(hint: Any, value: Any, path: str, errors: _Errors, overrides: Overr
             return None
         (item,) = options
         return [_convert(item, v, f"{path}[{i}]", errors, overrides, allow_unknown) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.add(path, f"must be an object, not {_json_type(value)}")
+            return None
+        item = options[1]
+        return {k: _convert(item, v, f"{path}.{k}", errors, overrides, allow_unknown) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _dataclass(hint, value, path, errors, overrides, allow_unknown)
     if hint is Any:

@@ -156,3 +156,23 @@ def test_sigterm_lets_the_request_in_flight_finish(model_file):
             httpx.get(f"{proc.url}/health", timeout=2)
     finally:
         proc.stop()
+
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["name", "country"],
+        "properties": {"name": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}}}
+
+
+def test_json_schema_output_matches_the_schema(client):
+    import json
+
+    import jsonschema
+
+    body = infer(client, prompt="Facts about Paris.", max_tokens=80, json_schema=CITY).json()
+    assert body["finish_reason"] == "stop", body
+    jsonschema.validate(json.loads(body["output"]), CITY)
+
+
+def test_a_json_schema_that_cannot_be_enforced_is_refused(client):
+    response = infer(client, prompt="x", json_schema={"type": "integer", "minimum": 1})
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["field"] == "json_schema" and "minimum" in error["message"]

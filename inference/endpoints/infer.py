@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import AsyncIterator
 
@@ -13,6 +14,7 @@ from ..middleware.identity import client_id
 from ..middleware.metrics import PROMPT_KEY
 from ..router import Route
 from ..schemas import InferRequest, InferResponse
+from ..structured import StructuredOutput, parse_response_format
 from ..service import Service, complete, http_error_of
 from ..validation import from_json, plain
 
@@ -33,12 +35,31 @@ def routes(service: Service) -> list[Route]:
             model_version=info.revision,
         ))
 
-    async def events(generation: Generation, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+    def structured_of(body: InferRequest) -> StructuredOutput | None:
+        if body.json_schema is None:
+            return None
+        try:
+            return parse_response_format({"type": "json_schema", "json_schema": {"name": "output", "schema": body.json_schema}},
+                                         enforce=settings.model_backend == "llama")
+        except HTTPError as exc:
+            why = exc.message.removeprefix("response_format: ").replace("json_schema.schema", "json_schema")
+            raise HTTPError(422, "validation_error", f"json_schema: {why}", field="json_schema") from None
+
+    def check(structured: StructuredOutput | None, generation: Generation, output: str) -> None:
+        if structured is not None and generation.finish_reason == "stop":
+            violation = structured.violation(output)
+            if violation is not None:
+                raise HTTPError(502, "structured_output_invalid",
+                                f"the model's answer does not match the json_schema ({violation})")
+
+    async def events(generation: Generation, outcome: StreamOutcome,
+                     structured: StructuredOutput | None = None) -> AsyncIterator[bytes]:
         pieces: list[str] = []
         try:
             async for piece in generation:
                 pieces.append(piece)
                 yield sse({"text": piece}, event="token")
+            check(structured, generation, "".join(pieces))
             if generation.finish_reason is not None:
                 outcome.complete = True
                 yield sse(result(generation, "".join(pieces)), event="done")
@@ -50,15 +71,17 @@ def routes(service: Service) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
+        structured = structured_of(body)  # a schema it cannot enforce is refused before anything else
         if settings.log_prompts:
             request.scope[PROMPT_KEY] = body.prompt
         info = service.model()
         material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
                     "system_prompt": settings.system_prompt, "body": plain(body)}
         deterministic = body.temperature == 0 or body.seed is not None
-        return await service.cache.serve(request, material, deterministic, lambda: answer(request, body))
+        return await service.cache.serve(request, material, deterministic, lambda: answer(request, body, structured))
 
-    async def answer(request: Request, body: InferRequest) -> Response:
+    async def answer(request: Request, body: InferRequest, structured: StructuredOutput | None) -> Response:
+        embedded = settings.model_backend == "llama"
         generation = await service.generate(
             GenerationRequest(
                 params=SamplingParams(
@@ -67,6 +90,9 @@ def routes(service: Service) -> list[Route]:
                     top_p=body.top_p,
                     stop=body.stop_sequences(),
                     seed=body.seed,
+                    grammar=structured.grammar if structured is not None and embedded else None,
+                    response_format=None if structured is None or embedded else json.dumps(
+                        {"type": "json_schema", "json_schema": {"name": "output", "schema": body.json_schema}}),
                 ),
                 messages=(ChatMessage("system", settings.system_prompt), ChatMessage("user", body.prompt)),
                 stream=body.stream,
@@ -76,10 +102,12 @@ def routes(service: Service) -> list[Route]:
         )
         if body.stream:
             outcome = StreamOutcome()
-            return StreamingResponse(events(generation, outcome), on_disconnect=generation.cancel, outcome=outcome)
+            return StreamingResponse(events(generation, outcome, structured), on_disconnect=generation.cancel,
+                                     outcome=outcome)
         output = await complete(generation, request.receive)
         if output is None:
             raise ClientDisconnected()
+        check(structured, generation, output)
         return json_response(result(generation, output))
 
     return [
