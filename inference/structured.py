@@ -46,11 +46,17 @@ class StructuredOutput:
 
     kind: str  # "json_object" or "json_schema"
     schema: dict[str, Any]
-    schema_json: str  # canonical: the grammar cache's key
+    schema_json: str  # canonical: the validator cache's key
+    grammar: str | None  # None when an upstream enforces the schema instead
 
-    @property
-    def grammar(self) -> str:
-        return _grammar(json.dumps(_enforced(self.schema), sort_keys=True))
+    def check(self, text: str, finish_reason: str | None) -> None:
+        """A finished answer must match the schema (one cut by max_tokens cannot): 502 when it does not."""
+        if finish_reason != "stop":
+            return
+        violation = self.violation(text)
+        if violation is not None:
+            raise HTTPError(502, "structured_output_invalid",
+                            f"the model's answer does not match the requested schema ({violation})")
 
     def violation(self, text: str) -> str | None:
         """Why `text` is not a valid answer, or None when it is."""
@@ -80,7 +86,8 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
     if kind == "text":
         return None
     if kind == "json_object":
-        return StructuredOutput(kind, ANY_OBJECT, json.dumps(ANY_OBJECT))
+        schema_json = json.dumps(ANY_OBJECT)
+        return StructuredOutput(kind, ANY_OBJECT, schema_json, _grammar(schema_json) if enforce else None)
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise _refuse('"json_schema" must be an object with a "name" and a "schema"')
@@ -92,13 +99,10 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
     schema_json = json.dumps(schema, sort_keys=True)
     try:
         _validator(schema_json)
-        if enforce:
-            _grammar(json.dumps(_enforced(schema), sort_keys=True))
-    except HTTPError:
-        raise
+        grammar = _grammar(json.dumps(_enforced(schema), sort_keys=True)) if enforce else None
     except Exception as exc:  # the converter or the validator cannot make sense of it
         raise _refuse(f'"json_schema.schema" cannot be enforced: {exc}') from None
-    return StructuredOutput(kind, schema, schema_json)
+    return StructuredOutput(kind, schema, schema_json, grammar)
 
 
 def check_schema(schema: Any, path: str) -> None:

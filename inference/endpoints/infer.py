@@ -45,13 +45,6 @@ def routes(service: Service) -> list[Route]:
             why = exc.message.removeprefix("response_format: ").replace("json_schema.schema", "json_schema")
             raise HTTPError(422, "validation_error", f"json_schema: {why}", field="json_schema") from None
 
-    def check(structured: StructuredOutput | None, generation: Generation, output: str) -> None:
-        if structured is not None and generation.finish_reason == "stop":
-            violation = structured.violation(output)
-            if violation is not None:
-                raise HTTPError(502, "structured_output_invalid",
-                                f"the model's answer does not match the json_schema ({violation})")
-
     async def events(generation: Generation, outcome: StreamOutcome,
                      structured: StructuredOutput | None = None) -> AsyncIterator[bytes]:
         pieces: list[str] = []
@@ -59,7 +52,8 @@ def routes(service: Service) -> list[Route]:
             async for piece in generation:
                 pieces.append(piece)
                 yield sse({"text": piece}, event="token")
-            check(structured, generation, "".join(pieces))
+            if structured is not None:
+                structured.check("".join(pieces), generation.finish_reason)
             if generation.finish_reason is not None:
                 outcome.complete = True
                 yield sse(result(generation, "".join(pieces)), event="done")
@@ -90,7 +84,7 @@ def routes(service: Service) -> list[Route]:
                     top_p=body.top_p,
                     stop=body.stop_sequences(),
                     seed=body.seed,
-                    grammar=structured.grammar if structured is not None and embedded else None,
+                    grammar=structured.grammar if structured is not None else None,
                     response_format=None if structured is None or embedded else json.dumps(
                         {"type": "json_schema", "json_schema": {"name": "output", "schema": body.json_schema}}),
                 ),
@@ -107,7 +101,8 @@ def routes(service: Service) -> list[Route]:
         output = await complete(generation, request.receive)
         if output is None:
             raise ClientDisconnected()
-        check(structured, generation, output)
+        if structured is not None:
+            structured.check(output, generation.finish_reason)
         return json_response(result(generation, output))
 
     return [

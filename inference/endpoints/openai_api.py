@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-
-from opentelemetry import trace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from opentelemetry import trace
+
+from ..config import Settings
 from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
 from ..errors import HTTPError
-from ..structured import StructuredOutput, parse_response_format
-from ..tools import ToolPlan, new_call_id, plan_tools, render_history
 from ..http import (
     SSE_DONE,
     ClientDisconnected,
@@ -39,6 +38,8 @@ from ..openai_schemas import (
 )
 from ..router import Route
 from ..service import Service, complete, http_error_of
+from ..structured import StructuredOutput, parse_response_format
+from ..tools import ToolPlan, new_call_id, plan_tools, render_history
 from ..validation import from_json, plain
 
 OWNED_BY = "inference"
@@ -74,13 +75,11 @@ def routes(service: Service) -> list[Route]:
             raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist", field="model")
         return json_response(model_object())
 
-    # The embedded model gets SYSTEM_PROMPT when a chat brings none; an upstream's model has its own defaults.
-    embedded = settings.model_backend == "llama"
-    add_system = settings.chat_system_prompt and embedded
+    embedded = settings.model_backend == "llama"  # else an upstream enforces schemas itself
 
     def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None) -> SamplingParams:
         return SamplingParams(
-            grammar=structured.grammar if structured is not None and embedded else None,
+            grammar=structured.grammar if structured is not None else None,
             response_format=None if structured is None or embedded else json.dumps(body.response_format),
             max_tokens=max_tokens or settings.max_tokens_limit,
             stop=body.stop_sequences(),
@@ -122,7 +121,8 @@ def routes(service: Service) -> list[Route]:
             chunks = _stream(generation, meta, chat, body.include_usage, outcome, structured, plan)
             return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
         text = await _complete(generation, request)
-        _check_structured(structured, text, generation)
+        if structured is not None:
+            structured.check(text, generation.finish_reason)
         finish = generation.finish_reason
         if plan is not None:
             choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
@@ -142,12 +142,7 @@ def routes(service: Service) -> list[Route]:
         _refuse_unsupported(raw, CHAT_REFUSED)
         _record_user(request, body)
         check_model(body.model)
-        messages = tuple(_chat_message(m) for m in body.messages)
-        system = None
-        if add_system and not any(m.role == "system" for m in messages):
-            # As Ollama does with a model's default system message: small models answer far better with one.
-            system = settings.system_prompt
-            messages = (ChatMessage("system", system),) + messages
+        messages, system = chat_messages(body.messages, settings)
         structured = parse_response_format(body.response_format, enforce=embedded)
         plan = plan_tools(raw.get("tools"), raw.get("tool_choice"), enforce=embedded)
         if plan is not None:
@@ -258,6 +253,18 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
+def chat_messages(messages: list[ChatCompletionMessage], settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
+    """A request's messages as the engine takes them, and the system prompt the service added (None if none).
+
+    The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
+    one: small models answer far better with it. An upstream's model has its own defaults."""
+    converted = tuple(_chat_message(m) for m in messages)
+    if (settings.chat_system_prompt and settings.model_backend == "llama"
+            and not any(m.role == "system" for m in converted)):
+        return (ChatMessage("system", settings.system_prompt),) + converted, settings.system_prompt
+    return converted, None
+
+
 def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
     history = render_history({"role": message.role, "content": message.content if isinstance(message.content, str)
                               else None, "tool_calls": message.tool_calls, "tool_call_id": message.tool_call_id})
@@ -311,16 +318,6 @@ def _with_instruction(messages: tuple[ChatMessage, ...], instruction: str) -> tu
     return (ChatMessage("system", instruction),) + messages
 
 
-def _check_structured(structured: StructuredOutput | None, text: str, generation: Generation) -> None:
-    """A finished structured answer must match its schema (a cut one, finish_reason "length", cannot)."""
-    if structured is None or generation.finish_reason != "stop":
-        return
-    violation = structured.violation(text)
-    if violation is not None:
-        raise HTTPError(502, "structured_output_invalid",
-                        f"the model's answer does not match the response_format ({violation})")
-
-
 async def _stream(
     generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome,
     structured: StructuredOutput | None = None, plan: ToolPlan | None = None,
@@ -356,8 +353,8 @@ async def _stream(
         if generation.finish_reason is None:
             return  # cancelled: the client is gone
         finish = generation.finish_reason
-        if text is not None:
-            _check_structured(structured, "".join(text), generation)
+        if structured is not None:
+            structured.check("".join(text or ()), finish)
         if plan is not None:
             if plan.single is None:  # which function: known once the whole answer is there
                 (call,) = plan.calls("".join(text or ()))

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 
 from ..config import Settings
-from ..engine.base import ChatMessage, EngineError
+from ..engine.base import EngineError
 from ..errors import HTTPError
 from ..http import Request, Response, json_response
 from ..router import Route
 from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from ..service import Service, http_error_of
 from ..validation import from_json
-from .openai_api import ROLES
+from .openai_api import chat_messages
 
 
 def routes(service: Service) -> list[Route]:
@@ -34,7 +34,8 @@ def routes(service: Service) -> list[Route]:
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
             if body.content is None and body.prompt is None and body.messages is not None:
-                tokens = await asyncio.to_thread(engine.render, chat_messages(body),
+                messages, _ = chat_messages(body.messages, settings)  # counted as /v1/chat/completions sends them
+                tokens = await asyncio.to_thread(engine.render, messages,
                                                  add_generation_prompt=body.add_generation_prompt)
             else:
                 text = body.content if body.content is not None else body.prompt or ""
@@ -46,13 +47,6 @@ def routes(service: Service) -> list[Route]:
         if body.with_pieces:
             answer["tokens"] = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
         return json_response(answer)
-
-    def chat_messages(body: TokenizeRequest) -> tuple[ChatMessage, ...]:
-        messages = tuple(ChatMessage(ROLES.get(m.role, m.role), m.content if isinstance(m.content, str) else
-                                     "".join(p.text for p in m.content or ())) for m in body.messages)
-        if settings.chat_system_prompt and not any(m.role == "system" for m in messages):
-            messages = (ChatMessage("system", settings.system_prompt),) + messages  # as /v1/chat/completions
-        return messages
 
     async def detokenize(request: Request) -> Response:
         body = from_json(DetokenizeRequest, await request.json(settings.max_body_bytes))

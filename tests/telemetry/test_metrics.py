@@ -14,6 +14,7 @@ FAMILIES = {
     "inference_queue_depth", "inference_cache_requests", "inference_rate_limited", "inference_tokens",
     "inference_time_to_first_token_seconds", "inference_time_per_output_token_seconds",
     "inference_generation_duration_seconds", "inference_errors", "inference_redis_up", "inference_model_info",
+    "inference_prompt_tokens_reused",
 }
 
 
@@ -113,3 +114,20 @@ def test_no_redis_no_redis_gauge(engine):
     names, _ = scrape(app)
     assert "inference_redis_up" not in names
     assert "inference_http_requests" in names
+
+
+def test_reused_prompt_tokens_are_counted(engine):
+    app = build_app(base_settings(), engine=engine)
+
+    async def scenario():
+        async with Running(app):
+            before = engine.prompt_tokens_reused
+            for question in ("Name a river.", "Name a mountain."):  # both start with SYSTEM_PROMPT
+                body = json.dumps({"prompt": question, "temperature": 0, "max_tokens": 2}).encode()
+                assert (await call_asgi(app, "POST", "/api/v1/infer", body, JSON)).status == 200
+            _, samples = await ascrape(app)
+            return engine.prompt_tokens_reused - before, samples
+
+    reused, samples = asyncio.run(scenario())
+    assert reused > 0  # the second request at least reused the system prompt
+    assert value(samples, "inference_prompt_tokens_reused_total") == reused
