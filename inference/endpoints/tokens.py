@@ -43,10 +43,10 @@ def routes(service: Service) -> list[Route]:
                 tokens = await asyncio.to_thread(engine.tokenize, text, special=True, add_bos=add_bos)
         except EngineError as exc:
             raise http_error_of(exc) from None
-        answer: dict = {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info.context_length}
-        if body.with_pieces:
-            answer["tokens"] = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
-        return json_response(answer)
+        listed: list = tokens
+        if body.with_pieces:  # a piece per token: off the event loop, a long text has many
+            listed = await asyncio.to_thread(lambda: [{"id": t, "piece": engine.detokenize([t])} for t in tokens])
+        return json_response({"tokens": listed, "count": len(tokens), "max_model_len": engine.info.context_length})
 
     async def detokenize(request: Request) -> Response:
         body = from_json(DetokenizeRequest, await request.json(settings.max_body_bytes))
