@@ -203,6 +203,7 @@ class Settings:
     max_tokens_limit: int = 1024
     max_queued_requests: int = 64
     max_concurrent_requests: int = 8
+    max_choices: int = 4
     cache_ttl_seconds: int = 60
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
@@ -294,6 +295,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_tokens_limit": _int(1),
     "max_queued_requests": _int(1),
     "max_concurrent_requests": _int(1, 256),
+    "max_choices": _int(1, 128),
     "cache_ttl_seconds": _int(1),
     "system_prompt": _text,
     "chat_system_prompt": _bool,

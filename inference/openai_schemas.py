@@ -7,7 +7,7 @@ Fields it acts on are type-checked here. OpenAI fields it does not implement are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .validation import spec
 
@@ -36,9 +36,32 @@ class StreamOptions:
     include_usage: bool = False
 
 
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries
+SAMPLING_SCHEMA: dict[str, Any] = {"properties": {
+    "logit_bias": {
+        "type": "object", "nullable": True, "maxProperties": MAX_LOGIT_BIAS,
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        # Token ids; the served document bounds them by the model's vocabulary once it is loaded (openapi.py).
+        "propertyNames": {"pattern": "^[0-9]+$"}},
+    "response_format": {"nullable": True, "oneOf": [
+        {"type": "object", "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+         "required": ["type"]},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"type": "string", "enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+                "schema": {"type": "object", "description": "A JSON Schema; a keyword the grammar cannot enforce "
+                                                            "is a 400 naming it (README: structured output)."},
+                "strict": {"type": "boolean", "nullable": True}}}}},
+    ]},
+}}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingFields:
     """The sampling fields both endpoints share."""
+
+    json_schema_extra: ClassVar[dict[str, Any]] = SAMPLING_SCHEMA
 
     model: str = field(metadata=spec(min_length=1, description="The id listed by GET /v1/models."))
     max_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Most tokens to generate."))
@@ -48,7 +71,8 @@ class SamplingFields:
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = field(default=None, metadata=spec(ge=1, le=1, description="Only 1 is supported."))
+    n: int | None = field(default=None, metadata=spec(ge=1, description="Choices to generate (default 1; at most "
+                                                                     "MAX_CHOICES)."))
     frequency_penalty: float | None = field(default=None, metadata=spec(
         ge=-2, le=2, description="Penalise tokens by how often they were generated so far (default 0)."))
     presence_penalty: float | None = field(default=None, metadata=spec(
@@ -74,13 +98,25 @@ class SamplingFields:
 
 @dataclass(frozen=True, kw_only=True)
 class ChatCompletionRequest(SamplingFields):
+    # top_logprobs only with logprobs: true (the handler answers 400 otherwise).
+    json_schema_extra: ClassVar[dict[str, Any]] = {**SAMPLING_SCHEMA, "anyOf": [
+        {"not": {"required": ["top_logprobs"]}},
+        {"properties": {"top_logprobs": {"enum": [None]}}},
+        {"required": ["logprobs"], "properties": {"logprobs": {"enum": [True]}}},
+    ]}
     messages: list[ChatCompletionMessage] = field(metadata=spec(min_items=1))
     max_completion_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Wins over max_tokens."))
+    logprobs: bool | None = field(default=None, metadata=spec(
+        description="Return each generated token's log probability (choices[].logprobs.content)."))
+    top_logprobs: int | None = field(default=None, metadata=spec(
+        ge=0, le=20, description="With logprobs: also the most likely tokens at each position, this many."))
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = field(metadata=spec(min_items=1, max_items=1, description="One prompt."))
+    logprobs: int | None = field(default=None, metadata=spec(
+        ge=0, le=5, description="Return each generated token's log probability and this many most likely tokens."))
     echo: Literal[False] | None = field(default=False, metadata=spec(description="Only false is supported."))
     suffix: str | None = field(default=None, metadata=spec(max_length=0, description="Not supported: null or empty."))
 
@@ -99,7 +135,7 @@ class Usage:
 class ChatChoice:
     index: int
     message: dict[str, Any]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: Any = None
 
 

@@ -27,7 +27,12 @@ ERROR_DESCRIPTIONS = {
 }
 
 
-def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[str, Any]:
+def openapi_document(
+    routes: list[Route], *, title: str = SERVICE_NAME, model: str | None = None, vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """Once the model is loaded, the document also states what depends on it: `model`, its id on /v1, documented as
+    the only value of the OpenAI requests' `model` field (another one is a 404 `model_not_found`, as OpenAI
+    answers); `vocab_size`, which bounds token ids (in `logit_bias` and /detokenize)."""
     components: dict[str, Any] = {}
     native_error = json_schema(ErrorResponse, components)
     openai_error = json_schema(OpenAIError, components)
@@ -72,6 +77,9 @@ def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[
                 "content": {"application/json": {"schema": error_ref}},
             }
         operation["responses"] = responses
+        if route.request_schema is not None:
+            _bind_model(components[route.request_schema.__name__]["properties"],
+                        model if route.template.startswith("/v1/") else None, vocab_size)
         paths.setdefault(route.template.replace(":path}", "}"), {})[route.method.lower()] = operation
     return {
         "openapi": "3.0.3",
@@ -79,6 +87,33 @@ def openapi_document(routes: list[Route], *, title: str = SERVICE_NAME) -> dict[
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _bind_model(properties: dict[str, Any], model: str | None, vocab_size: int | None) -> None:
+    if model is not None and "model" in properties:
+        properties["model"] = {**properties["model"], "enum": [model]}
+    if vocab_size is None:
+        return
+    if "logit_bias" in properties:
+        properties["logit_bias"] = {**properties["logit_bias"], "propertyNames": {"pattern": below(vocab_size)}}
+    tokens = properties.get("tokens")
+    if tokens is not None and tokens.get("items", {}).get("type") == "integer":
+        properties["tokens"] = {**tokens, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+
+
+def below(n: int) -> str:
+    """A regular expression matching the decimal numbers 0 .. n - 1 (no leading zeros)."""
+    top = str(n - 1)
+    options = ["[0-9]" if d == 1 else f"[1-9][0-9]{{{d - 1}}}" for d in range(1, len(top))]
+    for i, digit in enumerate(top):  # numbers as long as `top`: its first i digits, then a smaller one, then any
+        low = 1 if i == 0 and len(top) > 1 else 0
+        if int(digit) > low:
+            high = int(digit) - 1
+            span = str(low) if high == low else f"[{low}-{high}]"
+            rest = len(top) - i - 1
+            options.append(top[:i] + span + (f"[0-9]{{{rest}}}" if rest else ""))
+    options.append(top)
+    return "^(?:" + "|".join(options) + ")$"
 
 
 def _operation_id(route: Route) -> str:

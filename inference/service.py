@@ -106,6 +106,11 @@ class Service:
 
     # --- requests ------------------------------------------------------------------------------
 
+    @property
+    def model_id(self) -> str:
+        """The model's id on /v1: SERVED_MODEL_NAME, else the engine's name for it (once loaded)."""
+        return self.settings.served_model_name or self.engine.info.name
+
     def model(self) -> ModelInfo:
         """The served model, or 503 while it is not ready."""
         if not self.ready:
@@ -121,15 +126,24 @@ class Service:
         With a token budget (RATE_LIMIT_TOKENS_PER_MINUTE), `client` first reserves max_tokens; what is not
         generated is refunded. The generation is traced and measured; its usage lands in `scope` at the end.
         """
+        return (await self.generate_many(request, 1, client, scope))[0]
+
+    async def generate_many(
+        self, request: GenerationRequest, n: int, client: str | None = None, scope: Scope | None = None
+    ) -> list[Generation]:
+        """`n` answers to one request (OpenAI's `n`), as `generate`: one span, one reservation of n x max_tokens,
+        usage counting the prompt once and every choice's tokens."""
         info = self.model()
-        reserved = await self._reserve(request, client) if self.token_policy and client else 0
+        reserved = await self._reserve(request, client, n) if self.token_policy and client else 0
+        attributes = _generation_attributes(request, info)
+        if n > 1:
+            attributes["gen_ai.request.choice.count"] = n
         span = self.tracer.start_span(
-            f"{'chat' if request.messages is not None else 'text_completion'} {info.name}",
-            attributes=_generation_attributes(request, info),
-        )
+            f"{'chat' if request.messages is not None else 'text_completion'} {info.name}", attributes=attributes)
         started = time.perf_counter()
         try:
-            generation = await self.engine.generate(request)
+            generations = ([await self.engine.generate(request)] if n == 1
+                           else await self.engine.generate_many(request, n))
         except BaseException as exc:
             self._refund(client, reserved)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -138,40 +152,44 @@ class Service:
                 raise engine_http_error(exc) from None
             raise
 
-        def finished(observed: "_Observed", error: BaseException | None) -> None:
-            self._refund(client, reserved - generation.completion_tokens)
-            self._record(observed, generation, span, started, error, scope)
+        def finished(group: _Group) -> None:
+            self._refund(client, reserved - sum(g.completion_tokens for g in generations))
+            self._record(group, generations, span, started, scope)
 
-        return _Observed(generation, span, started, self.metrics, finished)
+        group = _Group(len(generations), span, started, self.metrics, finished)
+        return [_Observed(generation, group) for generation in generations]
 
-    def _record(self, observed: "_Observed", generation: Generation, span: Span, started: float,
-                error: BaseException | None, scope: Scope | None) -> None:
+    def _record(self, group: "_Group", generations: list[Generation], span: Span, started: float,
+                scope: Scope | None) -> None:
         now = time.perf_counter()
-        prompt, completion = generation.prompt_tokens, generation.completion_tokens
+        prompt, completion = generations[0].prompt_tokens, sum(g.completion_tokens for g in generations)
         if scope is not None:
             scope[USAGE_KEY] = {"prompt_tokens": prompt, "completion_tokens": completion}
         self.metrics.tokens.labels("prompt").inc(prompt)
         self.metrics.tokens.labels("completion").inc(completion)
-        reused = getattr(generation, "reused_prompt_tokens", 0)
+        reused = sum(getattr(g, "reused_prompt_tokens", 0) for g in generations)
         if reused:
             self.metrics.reused.inc(reused)
         example = exemplar()
         self.metrics.generation.observe(now - started, example)
-        if observed.first_token is not None and completion > 1:
-            self.metrics.tpot.observe((now - observed.first_token) / (completion - 1), example)
+        for observed, generation in zip(group.members, generations):
+            if observed.first_token is not None and generation.completion_tokens > 1:
+                self.metrics.tpot.observe((observed.last - observed.first_token) / (generation.completion_tokens - 1),
+                                          example)
         span.set_attribute("gen_ai.usage.input_tokens", prompt)
         span.set_attribute("gen_ai.usage.output_tokens", completion)
-        reason = generation.finish_reason
-        span.set_attribute("gen_ai.response.finish_reasons", (reason,) if reason else ("cancelled",))
-        if error is not None and not isinstance(error, (StopAsyncIteration, GeneratorExit)):
+        span.set_attribute("gen_ai.response.finish_reasons",
+                           tuple(g.finish_reason or "cancelled" for g in generations))
+        error = group.error
+        if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
 
-    async def _reserve(self, request: GenerationRequest, client: str) -> int:
+    async def _reserve(self, request: GenerationRequest, client: str, n: int = 1) -> int:
         policy = self.token_policy
         assert policy is not None
-        cost = min(request.params.max_tokens, policy.burst)
+        cost = min(request.params.max_tokens * n, policy.burst)
         try:
             decision = await self.store.acquire(self._token_key(client), policy, cost)
         except StoreUnavailable:
@@ -201,17 +219,44 @@ class Service:
             pass
 
 
-class _Observed:
-    """A Generation that is measured and traced: its first token, and its end however it ends."""
+class _Group:
+    """The generations of one request: the first token of any of them is its time to first token, and it is
+    recorded once all of them have ended, however each ended."""
 
-    def __init__(self, inner: Generation, span: Span, started: float, metrics: Metrics,
-                 on_end: Callable[["_Observed", BaseException | None], None]) -> None:
-        self._inner = inner
-        self._span = span
-        self._started = started
-        self._metrics = metrics
-        self._on_end: Callable[[_Observed, BaseException | None], None] | None = on_end
+    def __init__(self, size: int, span: Span, started: float, metrics: Metrics,
+                 on_end: Callable[["_Group"], None]) -> None:
+        self.left = size
+        self.span = span
+        self.started = started
+        self.metrics = metrics
+        self.on_end = on_end
         self.first_token: float | None = None
+        self.error: BaseException | None = None
+        self.members: list[_Observed] = []
+
+    def first(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+            self.metrics.ttft.observe(now - self.started, exemplar())
+            self.span.add_event("gen_ai.first_token")
+
+    def ended(self, error: BaseException | None) -> None:
+        if error is not None and not isinstance(error, (StopAsyncIteration, GeneratorExit, asyncio.CancelledError)):
+            self.error = error
+        self.left -= 1
+        if self.left == 0:
+            self.on_end(self)
+
+
+class _Observed:
+    """A Generation that is measured and traced: its first and last token, and its end however it ends."""
+
+    def __init__(self, inner: Generation, group: _Group) -> None:
+        self._inner = inner
+        self._group: _Group | None = group
+        group.members.append(self)
+        self.first_token: float | None = None
+        self.last = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -223,12 +268,13 @@ class _Observed:
         try:
             piece = await self._inner.__anext__()
         except BaseException as exc:
+            self.last = time.perf_counter()
             self._end(exc)
             raise
         if self.first_token is None:
             self.first_token = time.perf_counter()
-            self._metrics.ttft.observe(self.first_token - self._started, exemplar())
-            self._span.add_event("gen_ai.first_token")
+            if self._group is not None:
+                self._group.first(self.first_token)
         return piece
 
     def cancel(self) -> None:
@@ -236,12 +282,14 @@ class _Observed:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+        if not self.last:
+            self.last = time.perf_counter()
         self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
-        if self._on_end is not None:
-            on_end, self._on_end = self._on_end, None
-            on_end(self, error)
+        if self._group is not None:
+            group, self._group = self._group, None
+            group.ended(error)
 
 
 def http_error_of(exc: EngineError | HTTPError) -> HTTPError:
@@ -267,22 +315,42 @@ def engine_http_error(exc: EngineError) -> HTTPError:
 
 async def complete(generation: Generation, receive: Receive) -> str | None:
     """The whole text of `generation`, or None if the client disconnected (the generation is then cancelled)."""
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, generation))
+    texts = await complete_all([generation], receive)
+    return None if texts is None else texts[0]
+
+
+async def complete_all(generations: list[Generation], receive: Receive) -> list[str] | None:
+    """The whole text of each generation (read side by side), or None if the client disconnected (all are then
+    cancelled)."""
+
+    async def text(generation: Generation) -> str:
+        return "".join([piece async for piece in generation])
+
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, generations))
     try:
-        pieces = [piece async for piece in generation]
+        if len(generations) == 1:
+            texts = [await text(generations[0])]
+        else:
+            results = await asyncio.gather(*(text(g) for g in generations), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            texts = list(results)  # type: ignore[arg-type]
     except EngineError as exc:
         raise engine_http_error(exc) from None
     finally:
         watcher.cancel()
-        await generation.aclose()
-    return "".join(pieces) if generation.finish_reason is not None else None
+        for generation in generations:
+            await generation.aclose()
+    return texts if all(g.finish_reason is not None for g in generations) else None
 
 
-async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> None:
+async def _cancel_on_disconnect(receive: Receive, generations: list[Generation]) -> None:
     # Once the body has been read, receive() only returns when the client goes away.
     while (await receive())["type"] != "http.disconnect":
         pass
-    generation.cancel()
+    for generation in generations:
+        generation.cancel()
 
 
 def _url_host(host: str) -> str:

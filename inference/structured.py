@@ -94,6 +94,10 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise _refuse('"json_schema.schema" must be a JSON schema object')
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise _refuse('"json_schema.strict" must be true or false')
+    if not isinstance(spec.get("description", ""), str):
+        raise _refuse('"json_schema.description" must be a string')
     if enforce:
         check_schema(schema, "json_schema.schema")
     schema_json = json.dumps(schema, sort_keys=True)

@@ -4,8 +4,8 @@ named function) become an instruction to the model and a grammar its answer must
 With one function to call, the answer is that function's arguments (a JSON object matching its `parameters`
 schema); with several ("required"), it is `{"name": ..., "arguments": {...}}` for one of them. Either way the
 grammar (structured.py) guarantees a call that parses and matches, and the answer is returned in OpenAI's
-`tool_calls` shape. "auto" would need the model to decide between text and a call, which only a template trained
-for tools can: it is refused with a 400 that says to use "required". History turns carrying tool calls and tool
+`tool_calls` shape. "auto" would need the model to decide between text and a call in its own tool-call format, which
+would need a parser per template family: it is refused with a 400 that says to use "required". History turns carrying tool calls and tool
 results are rendered as ordinary assistant and user turns, which every chat template accepts.
 """
 
@@ -60,8 +60,9 @@ def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool) -> ToolPlan | Non
         return None
     functions = _functions(tools)
     if tool_choice == "auto":
-        raise _refuse("tool_choice", '"auto" needs a chat template trained for tools, which this model lacks; '
-                                     'use "required" or name a function')
+        raise _refuse("tool_choice", '"auto" needs the model to choose between answering and calling in its own '
+                                     'format, which the embedded engine does not parse; use "required" or name a '
+                                     'function')
     if tool_choice == "required":
         chosen = list(functions)
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(

@@ -289,6 +289,14 @@ def json_schema(
             doc["required"] = required
         if cls.__doc__ and not cls.__doc__.startswith(f"{name}("):
             doc["description"] = " ".join(cls.__doc__.split())
+        # What the field types cannot say (rules between fields, the shape of an Any field), which from_json's
+        # caller checks: {"properties": {field: {...}}} is merged into those fields, anything else into the object.
+        for key, value in getattr(cls, "json_schema_extra", {}).items():
+            if key == "properties":
+                for field_name, more in value.items():
+                    properties[field_name].update(more)
+            else:
+                doc[key] = value
         components[name] = doc
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -305,6 +313,8 @@ def _type_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
             schema = {"allOf": [schema]}
         if nullable:
             schema["nullable"] = True
+            if "enum" in schema:  # OpenAPI 3.0.3: with an enum, null is allowed only if listed
+                schema["enum"] = [*schema["enum"], None]
         return schema
     if origin is Literal:
         values = list(typing.get_args(hint))

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Structured output on the embedded engine: its speed against free text, and how often answers validate.
+"""The OpenAI fields that cost something on the embedded engine: structured output, logprobs and n.
 
-  1. speed: the same chat prompt at temperature 0.8 with the same seeds, once free and once under a json_schema
-     grammar, alternating, --runs each; completion tokens/s from the first token to the last (prompt time apart),
-     and the ratio (the grammar is checked on the sampled token only, and applied to the whole vocabulary only
-     when it rejects it);
+  1. speed: the same chat prompt at temperature 0.8 with the same seeds, free, under a json_schema grammar, and
+     free with logprobs (top 5), alternating, --runs each; completion tokens/s from the first token to the last
+     (prompt time apart), and the ratios to free (the grammar is checked on the sampled token only, and applied to
+     the whole vocabulary only when it rejects it; logprobs are a log-softmax over the vocabulary per token);
   2. validity: 20 prompts under a json_schema, temperature 0: how many answers finish with "stop" and how many
-     of those validate against the schema (must be all of them), and how many were cut by max_tokens.
+     of those validate against the schema (must be all of them), and how many were cut by max_tokens;
+  3. n: a long prompt (a ~700-token system message) answered with n=4 choices (one prompt evaluation, copied to
+     the other three) against four concurrent requests for it (each evaluating it), from cold slots: time until
+     every choice has its first token, and the whole time for 16 tokens each.
 
 In process (no HTTP), on the default model unless --model names another GGUF file:
 
@@ -44,12 +47,15 @@ async def run(args: argparse.Namespace) -> dict:
 
     model = args.model or resolve_model(None, Settings.from_env({}, env_file=None).model_cache_dir)[0]
     engine = LlamaEngine(model, n_ctx=2048, max_concurrent=1)
+    wide = LlamaEngine(model, n_ctx=2048, max_concurrent=4)
     engine.load()
     listing = parse_response_format({"type": "json_schema", "json_schema": {"name": "list", "schema": LIST_SCHEMA}})
     city = parse_response_format({"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}})
 
-    async def generate(prompt: str, grammar: str | None, seed: int, temperature: float) -> tuple[str, object, float]:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=seed, grammar=grammar)
+    async def generate(prompt: str, grammar: str | None, seed: int, temperature: float,
+                       logprobs: int | None = None) -> tuple[str, object, float]:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=seed, grammar=grammar,
+                                logprobs=logprobs)
         generation = await engine.generate(GenerationRequest(params=params, messages=(ChatMessage("user", prompt),)))
         first = None
         pieces = []
@@ -59,13 +65,14 @@ async def run(args: argparse.Namespace) -> dict:
         return "".join(pieces), generation, time.perf_counter() - (first or time.perf_counter())
 
     try:
-        speeds: dict[str, list[float]] = {"free": [], "json_schema": []}
+        speeds: dict[str, list[float]] = {"free": [], "json_schema": [], "logprobs": []}
         for seed in range(args.runs):
-            for label, grammar in (("free", None), ("json_schema", listing.grammar)):
-                _, generation, seconds = await generate("List many fruits as JSON.", grammar, seed, 0.8)
+            for label, grammar, logprobs in (("free", None, None), ("json_schema", listing.grammar, None),
+                                             ("logprobs", None, 5)):
+                _, generation, seconds = await generate("List many fruits as JSON.", grammar, seed, 0.8, logprobs)
                 if seconds > 0 and generation.completion_tokens > 1:
                     speeds[label].append((generation.completion_tokens - 1) / seconds)
-            print(f"  run {seed + 1}: free {speeds['free'][-1]:.1f}, json_schema {speeds['json_schema'][-1]:.1f} tok/s",
+            print(f"  run {seed + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()) + " tok/s",
                   file=sys.stderr, flush=True)
         stops = valid = cut = 0
         for place in PLACES:
@@ -77,9 +84,47 @@ async def run(args: argparse.Namespace) -> dict:
                 cut += 1
     finally:
         engine.shutdown()
+    wide.load()
+    try:
+        choices = await _choices(wide, args.runs)
+    finally:
+        wide.shutdown()
     free, constrained = statistics.median(speeds["free"]), statistics.median(speeds["json_schema"])
+    with_logprobs = statistics.median(speeds["logprobs"])
     return {"model": str(model), "runs": args.runs, "free_tps": free, "json_schema_tps": constrained,
-            "ratio": constrained / free, "prompts": len(PLACES), "finished": stops, "valid": valid, "cut": cut}
+            "ratio": constrained / free, "logprobs_tps": with_logprobs, "logprobs_ratio": with_logprobs / free,
+            "prompts": len(PLACES), "finished": stops, "valid": valid, "cut": cut, **choices}
+
+
+async def _choices(engine, runs: int) -> dict:
+    """n=4 (one prompt evaluation) against four separate requests, medians over `runs`, each from cold slots."""
+    from inference.engine.base import ChatMessage, GenerationRequest, SamplingParams
+
+    async def timed(generation, started: float) -> float:
+        first = None
+        async for _ in generation:
+            first = first or time.perf_counter()
+        return (first or time.perf_counter()) - started
+
+    results: dict[str, list[tuple[float, float]]] = {"n4": [], "separate": []}
+    for run in range(runs):
+        # A different system message each run, so no slot holds its prefix from an earlier one.
+        system = f"Run {run}. " + " ".join(f"Rule {i}: answer briefly and politely, in English." for i in range(70))
+        request = GenerationRequest(SamplingParams(max_tokens=16, temperature=0.8, seed=run),
+                                    messages=(ChatMessage("system", system), ChatMessage("user", "Name a fruit.")))
+        for label in ("n4", "separate") if run % 2 == 0 else ("separate", "n4"):
+            varied = GenerationRequest(request.params, messages=(ChatMessage("system", label + system),
+                                                                  request.messages[1]))
+            started = time.perf_counter()
+            generations = (await engine.generate_many(varied, 4) if label == "n4"
+                           else [await engine.generate(varied) for _ in range(4)])
+            firsts = await asyncio.gather(*(timed(g, started) for g in generations))
+            results[label].append((max(firsts), time.perf_counter() - started))
+    summary = {}
+    for label, pairs in results.items():
+        summary[f"{label}_first_tokens_s"] = statistics.median(p[0] for p in pairs)
+        summary[f"{label}_total_s"] = statistics.median(p[1] for p in pairs)
+    return summary
 
 
 def main() -> int:
@@ -91,7 +136,11 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(f"completion tokens/s, medians of {result['runs']} runs: free {result['free_tps']:.1f}, "
-          f"json_schema {result['json_schema_tps']:.1f} ({result['ratio']:.2f}x)")
+          f"json_schema {result['json_schema_tps']:.1f} ({result['ratio']:.2f}x), "
+          f"logprobs top 5 {result['logprobs_tps']:.1f} ({result['logprobs_ratio']:.2f}x)")
+    print(f"a ~700-token prompt, 4 answers of 16 tokens: n=4 every first token after "
+          f"{1000 * result['n4_first_tokens_s']:.0f} ms, all done {1000 * result['n4_total_s']:.0f} ms; four requests "
+          f"{1000 * result['separate_first_tokens_s']:.0f} ms / {1000 * result['separate_total_s']:.0f} ms")
     print(f"json_schema answers on {result['prompts']} prompts: {result['finished']} finished, {result['valid']} of "
           f"them valid ({100 * result['valid'] / max(1, result['finished']):.0f}%), {result['cut']} cut by max_tokens")
     if args.json:

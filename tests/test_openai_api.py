@@ -104,7 +104,7 @@ def test_metadata_fields_and_unknown_extensions_are_accepted(openai_client, mode
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
 ])
@@ -115,7 +115,7 @@ def test_fields_this_service_does_not_implement_are_refused_by_name(openai_clien
     assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 3)])
+@pytest.mark.parametrize("field, value", [("best_of", 3)])
 def test_completion_fields_not_implemented_are_refused(openai_client, model_id, field, value):
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.completions.create(model=model_id, prompt="x", max_tokens=2, extra_body={field: value})
@@ -123,7 +123,10 @@ def test_completion_fields_not_implemented_are_refused(openai_client, model_id, 
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"n": 2}, "n"),
+    ({"n": 5}, "n"),  # MAX_CHOICES is 4
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"temperature": 5}, "temperature"),
     ({"max_tokens": "many"}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -464,7 +467,7 @@ def test_tool_choice_none_ignores_the_tools(openai_client, model_id):
 
 
 @pytest.mark.parametrize("kwargs, param, message", [
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", '"auto" needs a chat template'),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", '"auto" needs the model to choose'),
     ({"tools": TOOLS}, "tool_choice", "required"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
     ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "function"),
@@ -475,3 +478,81 @@ def test_tool_requests_that_cannot_be_served_are_refused(openai_client, model_id
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.chat.completions.create(model=model_id, messages=WEATHER, max_tokens=4, **kwargs)
     assert err.value.body["param"] == param and message in err.value.body["message"]
+
+
+# --- logprobs ---------------------------------------------------------------------------------------------------
+
+
+def test_chat_logprobs_and_top_logprobs(openai_client, model_id):
+    reply = openai_client.chat.completions.create(model=model_id, messages=ask("What is 2+2?"), temperature=0,
+                                                  max_tokens=12, logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert b"".join(bytes(t.bytes) for t in content).decode() == choice.message.content
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].token == token.token  # greedy: the most likely token was chosen
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+    plain = openai_client.chat.completions.create(model=model_id, messages=ask("What is 2+2?"), temperature=0,
+                                                  max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
+    # Streamed, the chunks' entries add up to the same list.
+    streamed = []
+    for chunk in openai_client.chat.completions.create(model=model_id, messages=ask("What is 2+2?"), temperature=0,
+                                                       max_tokens=12, logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_chat_logprobs_without_alternatives(openai_client, model_id):
+    reply = openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=4, logprobs=True)
+    assert all(t.top_logprobs == [] for t in reply.choices[0].logprobs.content)
+
+
+def test_completion_logprobs(openai_client, model_id):
+    reply = openai_client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=6,
+                                             temperature=0, logprobs=2)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == reply.usage.completion_tokens
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == logprob and max(top.values()) == logprob and 2 <= len(top) <= 3
+
+
+# --- n ----------------------------------------------------------------------------------------------------------
+
+
+def test_n_choices_streamed_or_not(openai_client, model_id):
+    kwargs = dict(model=model_id, messages=ask("Name a colour."), temperature=0.9, seed=3, max_tokens=12, n=3)
+    reply = openai_client.chat.completions.create(**kwargs)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert all(texts) and len(set(texts)) > 1  # three samples, not one copied
+    # Choice i is what the same request with seed + i answers on its own; usage counts the prompt once.
+    alone = [openai_client.chat.completions.create(**{**kwargs, "n": 1, "seed": 3 + i}) for i in range(3)]
+    assert [a.choices[0].message.content for a in alone] == texts
+    assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed, finishes = ["", "", ""], {}
+    for chunk in openai_client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert streamed == texts and set(finishes) == {0, 1, 2}
+
+
+def test_n_with_structured_output_and_completions(openai_client, model_id):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}}, "required": ["colour"],
+              "additionalProperties": False}
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Name a colour as JSON."), max_tokens=40, n=2, temperature=1, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert len(reply.choices) == 2
+    assert all(set(json.loads(c.message.content)) == {"colour"} for c in reply.choices)
+    text = openai_client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=5, n=2, seed=4,
+                                            temperature=1)
+    assert [c.index for c in text.choices] == [0, 1] and all(c.text for c in text.choices)

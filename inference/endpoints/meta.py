@@ -81,8 +81,8 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         )))
 
     @cache
-    def openapi_body() -> bytes:
-        return dump_json(openapi_document(documented))
+    def openapi_body(model: str | None, vocab_size: int | None) -> bytes:
+        return dump_json(openapi_document(documented, model=model, vocab_size=vocab_size))
 
     async def metrics(request: Request) -> Response:
         # OpenMetrics (with exemplars linking histogram buckets to traces) when the scraper asks for it.
@@ -94,7 +94,10 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
                         media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:
-        return Response(openapi_body())
+        # Once the model is loaded, the document also states what depends on it (its id, its vocabulary).
+        if not service.engine.loaded:
+            return Response(openapi_body(None, None))
+        return Response(openapi_body(service.model_id, service.engine.info.vocab_size))
 
     playground_page = (resources.files("inference") / "static" / "playground.html").read_bytes()
 

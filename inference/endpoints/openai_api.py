@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from opentelemetry import trace
 
 from ..config import Settings
-from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
+from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams, TokenLogprob
 from ..errors import HTTPError
 from ..http import (
     SSE_DONE,
@@ -32,12 +34,13 @@ from ..openai_schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    MAX_LOGIT_BIAS,
     Model,
     ModelList,
     SamplingFields,
 )
 from ..router import Route
-from ..service import Service, complete, http_error_of
+from ..service import Service, complete_all, http_error_of
 from ..structured import StructuredOutput, parse_response_format
 from ..tools import ToolPlan, new_call_id, plan_tools, render_history
 from ..validation import from_json, plain
@@ -49,11 +52,12 @@ ROLES = {"developer": "system"}
 
 def routes(service: Service) -> list[Route]:
     settings = service.settings
-    limit = {"max_tokens": {"le": settings.max_tokens_limit}, "max_completion_tokens": {"le": settings.max_tokens_limit}}
+    limit = {"max_tokens": {"le": settings.max_tokens_limit}, "max_completion_tokens": {"le": settings.max_tokens_limit},
+             "n": {"le": settings.max_choices}}
     created = int(time.time())
 
     def model_id() -> str:
-        return settings.served_model_name or service.engine.info.name
+        return service.model_id
 
     def model_object() -> dict[str, Any]:
         return {"id": model_id(), "object": "model", "created": created, "owned_by": OWNED_BY}
@@ -77,8 +81,10 @@ def routes(service: Service) -> list[Route]:
 
     embedded = settings.model_backend == "llama"  # else an upstream enforces schemas itself
 
-    def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None) -> SamplingParams:
+    def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None,
+                 logprobs: int | None) -> SamplingParams:
         return SamplingParams(
+            logprobs=logprobs,
             grammar=structured.grammar if structured is not None else None,
             response_format=None if structured is None or embedded else json.dumps(body.response_format),
             max_tokens=max_tokens or settings.max_tokens_limit,
@@ -112,29 +118,43 @@ def routes(service: Service) -> list[Route]:
                 [{"role": m.role, "content": m.content} for m in generation_request.messages]
                 if generation_request.messages is not None else generation_request.prompt
             )
-        generation = await service.generate(
-            generation_request, client=client_id(request.scope, settings.trusted_proxies), scope=request.scope
+        generations = await service.generate_many(
+            generation_request, body.n or 1, client=client_id(request.scope, settings.trusted_proxies),
+            scope=request.scope,
         )
         meta = _Meta("chatcmpl" if chat else "cmpl", model_id(), service.engine.info.revision)
+        logprobs = generation_request.params.logprobs is not None
         if body.stream:
             outcome = StreamOutcome()
-            chunks = _stream(generation, meta, chat, body.include_usage, outcome, structured, plan)
-            return StreamingResponse(chunks, on_disconnect=generation.cancel, outcome=outcome)
-        text = await _complete(generation, request)
-        if structured is not None:
-            structured.check(text, generation.finish_reason)
-        finish = generation.finish_reason
-        if plan is not None:
-            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
-                                              "tool_calls": plan.calls(text)}}
-            finish = "tool_calls" if finish == "stop" else finish
-        elif chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice.update(logprobs=None, finish_reason=finish)
+            chunks = _stream(generations, meta, chat, body.include_usage, outcome, structured, plan, logprobs)
+
+            def cancel() -> None:
+                for generation in generations:
+                    generation.cancel()
+
+            return StreamingResponse(chunks, on_disconnect=cancel, outcome=outcome)
+        texts = await complete_all(generations, request.receive)
+        if texts is None:
+            raise ClientDisconnected()
+        choices = []
+        for index, (generation, text) in enumerate(zip(generations, texts)):
+            if structured is not None:
+                structured.check(text, generation.finish_reason)
+            finish = generation.finish_reason
+            calls = plan.calls(text) if plan is not None else getattr(generation, "tool_calls", None)
+            if calls:  # the grammar's call, or the upstream's calls (with whatever text came before them)
+                content = None if plan is not None else text or None
+                choice = {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
+                                                      "tool_calls": calls}}
+                finish = "tool_calls" if finish == "stop" else finish
+            elif chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None}}
+            else:
+                choice = {"index": index, "text": text}
+            choice.update(logprobs=_logprobs(generation.logprobs, chat) if logprobs else None, finish_reason=finish)
+            choices.append(choice)
         return json_response({**meta.head("chat.completion" if chat else "text_completion"),
-                              "choices": [choice], "usage": _usage(generation)})
+                              "choices": choices, "usage": _usage(generations)})
 
     async def chat_completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes)
@@ -144,17 +164,21 @@ def routes(service: Service) -> list[Route]:
         check_model(body.model)
         messages, system = chat_messages(body.messages, settings)
         structured = parse_response_format(body.response_format, enforce=embedded)
-        plan = plan_tools(raw.get("tools"), raw.get("tool_choice"), enforce=embedded)
-        if plan is not None:
+        plan, tools = None, None
+        if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
+            if raw.get("tools"):
+                tools = json.dumps({key: raw[key] for key in ("tools", "tool_choice", "parallel_tool_calls")
+                                    if raw.get(key) is not None})
+        elif (plan := plan_tools(raw.get("tools"), raw.get("tool_choice"), enforce=True)) is not None:
             if structured is not None:
                 raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
                                 "arguments already follow the function's schema)", field="response_format")
-            if not embedded:
-                raise HTTPError(400, "unsupported_parameter", "tools: tool calls through the upstream backend are "
-                                "not supported yet", field="tools")
             structured = plan.structured
             messages = _with_instruction(messages, plan.instruction)
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, structured)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise HTTPError(422, "validation_error", "top_logprobs: needs logprobs: true", field="top_logprobs")
+        params = replace(sampling(body, body.max_completion_tokens or body.max_tokens, structured,
+                                  (body.top_logprobs or 0) if body.logprobs else None), tools=tools)
         generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured, plan),
                             system=system)
@@ -167,7 +191,7 @@ def routes(service: Service) -> list[Route]:
         check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         structured = parse_response_format(body.response_format, enforce=embedded)
-        params = sampling(body, body.max_tokens or 16, structured)  # OpenAI's default for completions: 16 tokens
+        params = sampling(body, body.max_tokens or 16, structured, body.logprobs)  # OpenAI's default: 16 tokens
         generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured))
 
@@ -198,8 +222,6 @@ def _effective(body: SamplingFields) -> dict[str, float]:
 # because an app that sends one relies on it. Each: (is this value asking for it?, why it is refused).
 _ASKS = lambda value: value not in (None, False, 0, [], {})  # noqa: E731
 CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (_ASKS, "log probabilities are not supported yet"),
-    "top_logprobs": (lambda v: v is not None, "log probabilities are not supported yet"),
     "functions": (_ASKS, "function calling (deprecated by OpenAI) is not supported"),
     "function_call": (lambda v: v not in (None, "none"), "function calling (deprecated by OpenAI) is not supported"),
     "audio": (lambda v: v is not None, "this model reads and writes text only"),
@@ -208,7 +230,6 @@ CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "web_search_options": (lambda v: v is not None, "web search is not supported"),
 }
 COMPLETION_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (lambda v: v is not None, "log probabilities are not supported yet"),
     "best_of": (lambda v: v not in (None, 1), "only best_of 1 is supported"),
 }
 
@@ -226,9 +247,6 @@ def _refuse_unsupported(raw: Any, refused: dict[str, tuple[Callable[[Any], bool]
     for name, (asks, why) in refused.items():
         if name in raw and asks(raw[name]):
             raise HTTPError(400, "unsupported_parameter", f"{name}: {why}", field=name)
-
-
-MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -258,41 +276,71 @@ def chat_messages(messages: list[ChatCompletionMessage], settings: Settings) -> 
 
     The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
     one: small models answer far better with it. An upstream's model has its own defaults."""
-    converted = tuple(_chat_message(m) for m in messages)
-    if (settings.chat_system_prompt and settings.model_backend == "llama"
-            and not any(m.role == "system" for m in converted)):
+    embedded = settings.model_backend == "llama"
+    converted = tuple(_chat_message(m, embedded) for m in messages)
+    if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
         return (ChatMessage("system", settings.system_prompt),) + converted, settings.system_prompt
     return converted, None
 
 
-def _chat_message(message: ChatCompletionMessage) -> ChatMessage:
-    history = render_history({"role": message.role, "content": message.content if isinstance(message.content, str)
-                              else None, "tool_calls": message.tool_calls, "tool_call_id": message.tool_call_id})
-    if history is not None:
-        return ChatMessage(*history)  # type: ignore[arg-type]
+def _chat_message(message: ChatCompletionMessage, embedded: bool) -> ChatMessage:
+    if embedded:
+        history = render_history({"role": message.role, "tool_calls": message.tool_calls,
+                                  "content": message.content if isinstance(message.content, str) else None,
+                                  "tool_call_id": message.tool_call_id})
+        if history is not None:
+            return ChatMessage(*history)  # type: ignore[arg-type]
+    elif message.tool_calls is not None or message.tool_call_id is not None:  # passed on as they are
+        calls = None if message.tool_calls is None else json.dumps(message.tool_calls)
+        return ChatMessage(message.role, _text(message), tool_calls=calls,  # type: ignore[arg-type]
+                           tool_call_id=message.tool_call_id)
+    return ChatMessage(ROLES.get(message.role, message.role), _text(message))  # type: ignore[arg-type]
+
+
+def _text(message: ChatCompletionMessage) -> str:
     content = message.content
-    if content is None:
-        text = ""
-    elif isinstance(content, str):
-        text = content
-    else:
-        text = "".join(part.text for part in content)
-    return ChatMessage(ROLES.get(message.role, message.role), text)  # type: ignore[arg-type]
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
 
 
-async def _complete(generation: Generation, request: Request) -> str:
-    text = await complete(generation, request.receive)
-    if text is None:
-        raise ClientDisconnected()
-    return text
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    """OpenAI's usage: the prompt once, every choice's tokens."""
+    prompt, completion = generations[0].prompt_tokens, sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
-        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-    }
+LOGPROB_FLOOR = -9999.0  # OpenAI's value for "impossible": JSON has no -Infinity
+
+
+def _token_text(token: bytes) -> str:
+    # A token may hold part of a character; its bytes are exact, its text shows such bytes escaped (as OpenAI does).
+    return token.decode("utf-8", errors="backslashreplace")
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def _logprobs(entries: list[TokenLogprob], chat: bool, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs object: chat's `content` list, or the legacy completions arrays (`text_offset` counting
+    from `offset`, the characters sent before these tokens)."""
+    if chat:
+        return {"content": [{"token": _token_text(e.token), "logprob": _logprob(e.logprob), "bytes": list(e.token),
+                             "top_logprobs": [{"token": _token_text(t), "logprob": _logprob(lp), "bytes": list(t)}
+                                              for t, lp in e.top]} for e in entries],
+                "refusal": None}
+    tokens, offsets = [], []
+    for entry in entries:
+        text = _token_text(entry.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [_logprob(e.logprob) for e in entries],
+            # The sampled token is always among them (OpenAI: "up to logprobs + 1 elements").
+            "top_logprobs": [{_token_text(e.token): _logprob(e.logprob),
+                              **{_token_text(t): _logprob(lp) for t, lp in e.top}} for e in entries],
+            "text_offset": offsets}
 
 
 class _Meta:
@@ -318,57 +366,125 @@ def _with_instruction(messages: tuple[ChatMessage, ...], instruction: str) -> tu
     return (ChatMessage("system", instruction),) + messages
 
 
+class _Choice:
+    """What one choice of a stream has sent so far."""
+
+    __slots__ = ("prefix", "text", "call_id", "sent_logprobs", "offset")
+
+    def __init__(self, prefix: bytes, keep_text: bool, call_id: str) -> None:
+        self.prefix = prefix
+        self.text: list[str] | None = [] if keep_text else None
+        self.call_id = call_id
+        self.sent_logprobs = 0
+        self.offset = 0
+
+
 async def _stream(
-    generation: Generation, meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome,
-    structured: StructuredOutput | None = None, plan: ToolPlan | None = None,
+    generations: list[Generation], meta: _Meta, chat: bool, include_usage: bool, outcome: StreamOutcome,
+    structured: StructuredOutput | None = None, plan: ToolPlan | None = None, logprobs: bool = False,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's SSE stream: a chunk per piece, a last chunk with finish_reason, usage if asked, [DONE].
+    """OpenAI's SSE stream: a chunk per piece (of each choice, with its `index`), a last chunk per choice with its
+    finish_reason, usage if asked, [DONE].
 
     Every chunk repeats the same head; it is encoded once and each piece only adds its own JSON string.
     """
     head = meta.head("chat.completion.chunk" if chat else "text_completion")
     if include_usage:
         head["usage"] = None
-    prefix = b"data: " + dump_json(head)[:-1] + b',"choices":[{"index":0,'
+    opening = b"data: " + dump_json(head)[:-1] + b',"choices":[{"index":'
     piece_open = b'"delta":{"content":' if chat else b'"text":'
     piece_close = b'},"logprobs":null,"finish_reason":null}]}\n\n' if chat else b',"logprobs":null,"finish_reason":null}]}\n\n'
+    no_logprobs = b',"logprobs":null,"finish_reason":null}]}\n\n'
+    choices = [_Choice(opening + str(i).encode() + b",", structured is not None or plan is not None,
+                       new_call_id() if plan is not None else "") for i in range(len(generations))]
+
+    def logprobs_of(index: int) -> bytes:
+        """The logprobs field for the tokens of choice `index` not sent yet."""
+        if not logprobs:
+            return b'"logprobs":null'
+        choice, entries = choices[index], generations[index].logprobs
+        new, choice.sent_logprobs = entries[choice.sent_logprobs:], len(entries)
+        body = _logprobs(new, chat, choice.offset)
+        if not chat:
+            choice.offset += sum(len(t) for t in body["tokens"])
+        return b'"logprobs":' + dump_json(body)
+
+    def tool_delta(index: int, call: dict[str, Any]) -> bytes:
+        return (choices[index].prefix + b'"delta":{"tool_calls":[' + dump_json(call) + b']},' + logprobs_of(index)
+                + b',"finish_reason":null}]}\n\n')
 
     try:
-        if chat:
-            yield prefix + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-        text = [] if structured is not None else None
-        call_id = new_call_id() if plan is not None else ""
-        if plan is not None and plan.single is not None:
-            # One function: its name now, its arguments as they are generated, as OpenAI streams them.
-            opening = {"index": 0, "id": call_id, "type": "function", "function": {"name": plan.single, "arguments": ""}}
-            yield prefix + b'"delta":{"tool_calls":[' + dump_json(opening) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
-        async for piece in generation:
-            if text is not None:
-                text.append(piece)
-            if plan is None:
-                yield prefix + piece_open + dump_json(piece) + piece_close
-            elif plan.single is not None:
-                delta = {"index": 0, "function": {"arguments": piece}}
-                yield prefix + b'"delta":{"tool_calls":[' + dump_json(delta) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
-        if generation.finish_reason is None:
-            return  # cancelled: the client is gone
-        finish = generation.finish_reason
-        if structured is not None:
-            structured.check("".join(text or ()), finish)
-        if plan is not None:
-            if plan.single is None:  # which function: known once the whole answer is there
-                (call,) = plan.calls("".join(text or ()))
-                whole = {"index": 0, **call, "id": call_id}
-                yield prefix + b'"delta":{"tool_calls":[' + dump_json(whole) + b']},"logprobs":null,"finish_reason":null}]}\n\n'
-            finish = "tool_calls" if finish == "stop" else finish
-        last = b'"delta":{}' if chat else b'"text":""'
-        yield prefix + last + b',"logprobs":null,"finish_reason":' + dump_json(finish) + b"}]}\n\n"
+        for index, choice in enumerate(choices):
+            if chat:
+                yield choice.prefix + b'"delta":{"role":"assistant","content":""}' + no_logprobs
+            if plan is not None and plan.single is not None:
+                # One function: its name now, its arguments as they are generated, as OpenAI streams them.
+                yield tool_delta(index, {"index": 0, "id": choice.call_id, "type": "function",
+                                         "function": {"name": plan.single, "arguments": ""}})
+        async for index, piece in _merged(generations):
+            choice, generation = choices[index], generations[index]
+            if piece is not None:
+                if choice.text is not None:
+                    choice.text.append(piece)
+                if plan is None:
+                    if logprobs:
+                        yield (choice.prefix + piece_open + dump_json(piece) + (b"}," if chat else b",")
+                               + logprobs_of(index) + b',"finish_reason":null}]}\n\n')
+                    else:
+                        yield choice.prefix + piece_open + dump_json(piece) + piece_close
+                elif plan.single is not None:
+                    yield tool_delta(index, {"index": 0, "function": {"arguments": piece}})
+                continue
+            if generation.finish_reason is None:
+                return  # cancelled: the client is gone
+            finish = generation.finish_reason
+            text = "".join(choice.text or ())
+            if structured is not None:
+                structured.check(text, finish)
+            if plan is not None:
+                if plan.single is None:  # which function: known once the whole answer is there
+                    (call,) = plan.calls(text)
+                    yield tool_delta(index, {"index": 0, **call, "id": choice.call_id})
+                finish = "tool_calls" if finish == "stop" else finish
+            elif getattr(generation, "tool_calls", None):  # an upstream's calls: whole, once they are complete
+                for number, call in enumerate(generation.tool_calls):
+                    yield tool_delta(index, {"index": number, **call})
+                finish = "tool_calls" if finish == "stop" else finish
+            last = b'"delta":{}' if chat else b'"text":""'
+            yield (choice.prefix + last + b"," + logprobs_of(index) + b',"finish_reason":' + dump_json(finish)
+                   + b"}]}\n\n")
         if include_usage:
-            yield sse({**head, "choices": [], "usage": _usage(generation)})
+            yield sse({**head, "choices": [], "usage": _usage(generations)})
         outcome.complete = True
         yield SSE_DONE
     except (EngineError, HTTPError) as exc:
         error = http_error_of(exc)
         yield sse(error.openai_body())
     finally:
-        await generation.aclose()
+        for generation in generations:
+            await generation.aclose()
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
+    """(choice index, piece) as each choice produces them; (index, None) when that choice has ended."""
+    if len(generations) == 1:
+        async for piece in generations[0]:
+            yield 0, piece
+        yield 0, None
+        return
+    pending = {asyncio.ensure_future(anext(generation)): index for index, generation in enumerate(generations)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                try:
+                    piece = task.result()
+                except StopAsyncIteration:
+                    yield index, None
+                    continue
+                yield index, piece
+                pending[asyncio.ensure_future(anext(generations[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()

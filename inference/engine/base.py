@@ -15,8 +15,11 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    # Tool-call turns as the client sent them, for an upstream (the embedded engine gets them rendered as text).
+    tool_calls: str | None = None  # the assistant's calls, as JSON
+    tool_call_id: str | None = None  # a `tool` turn's call
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,14 @@ class SamplingParams:
     # as JSON for an upstream (which enforces it itself).
     grammar: str | None = None
     response_format: str | None = None
+    # The request's tools and tool_choice as JSON, for an upstream (which decides and formats the calls itself).
+    tools: str | None = None
     # True: lower max_tokens to what the context has room for, instead of refusing (OpenAI's default
     # when a request names no max_tokens).
     fit_context: bool = False
+    # Log probabilities: None, not asked (nothing is computed); k >= 0: each generated token's log probability
+    # and the k most likely alternatives at its position.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class ModelInfo:
     path: str | None = None
     sha256: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    vocab_size: int | None = None  # token ids are 0 .. vocab_size - 1 (None: not known, e.g. an upstream's)
 
 
 class EngineError(Exception):
@@ -110,10 +119,22 @@ class UpstreamError(EngineError):
         self.status, self.code, self.field, self.retry_after = status, code, field, retry_after
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token, its log probability under the model, and the most likely tokens at its position."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 class Generation(Protocol):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None
+    # With SamplingParams.logprobs: one entry per generated token, appended as the tokens are generated (an
+    # entry may arrive before the text it belongs to, which can be held back while it may start a stop sequence).
+    logprobs: list[TokenLogprob]
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 
@@ -136,6 +157,10 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """Validate and queue `request`; raises EngineError subclasses before any token is produced."""
+
+    async def generate_many(self, request: GenerationRequest, n: int) -> list[Generation]:
+        """`n` independent answers to one prompt (OpenAI's `n`), all queued or none; choice i of a seeded
+        request uses seed + i."""
 
     async def close(self) -> None:
         """Stop accepting work, cancel what is queued and release the model."""

@@ -16,9 +16,10 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
-from .base import EngineNotReady, FinishReason, GenerationRequest, ModelInfo, UpstreamError
+from .base import ChatMessage, EngineNotReady, FinishReason, GenerationRequest, ModelInfo, TokenLogprob, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class UpstreamGeneration:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
         self._response = response
         self._timeout = timeout
         self._cancelled = False
@@ -78,6 +81,17 @@ class UpstreamGeneration:
             self.cancel()
         await self._pieces.aclose()
 
+    def _add_call(self, part: dict[str, Any]) -> None:
+        """A streamed tool-call delta: a new call (its id, type, name), or more of a call's arguments."""
+        index = part.get("index", len(self.tool_calls))
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call, function = self.tool_calls[index], part.get("function") or {}
+        call["id"] = part.get("id") or call["id"]
+        call["type"] = part.get("type") or call["type"]
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
     def _usage(self, usage: dict[str, Any] | None) -> None:
         if usage:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -87,6 +101,9 @@ class UpstreamGeneration:
         data = json.loads(await self._response.read())
         choice = data["choices"][0]
         text = choice["message"]["content"] if "message" in choice else choice["text"]
+        self.logprobs += _logprobs(choice.get("logprobs"))
+        if "message" in choice:
+            self.tool_calls = [_call(c) for c in choice["message"].get("tool_calls") or ()]
         self._usage(data.get("usage"))
         if text:
             yield text
@@ -108,6 +125,9 @@ class UpstreamGeneration:
             for choice in data.get("choices") or ():
                 delta = choice.get("delta")
                 text = delta.get("content") if delta is not None else choice.get("text")
+                self.logprobs += _logprobs(choice.get("logprobs"))
+                for part in (delta or {}).get("tool_calls") or ():
+                    self._add_call(part)
                 if text:
                     yield text
                 if choice.get("finish_reason"):
@@ -119,6 +139,32 @@ class UpstreamGeneration:
 
 def _finish(reason: Any) -> FinishReason:
     return "length" if reason == "length" else "stop"
+
+
+def _call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    return {"id": call.get("id") or "", "type": call.get("type") or "function",
+            "function": {"name": function.get("name") or "", "arguments": function.get("arguments") or ""}}
+
+
+def _logprobs(value: Any) -> list[TokenLogprob]:
+    """An OpenAI logprobs object (chat's `content` list or the completions arrays) as TokenLogprob entries."""
+    if not isinstance(value, dict):
+        return []
+
+    def exact(entry: dict[str, Any]) -> bytes:
+        raw = entry.get("bytes")
+        return bytes(raw) if isinstance(raw, list) else str(entry["token"]).encode()
+
+    if "content" in value:
+        return [TokenLogprob(exact(e), float(e["logprob"]),
+                             tuple((exact(t), float(t["logprob"])) for t in e.get("top_logprobs") or ()))
+                for e in value.get("content") or ()]
+    tops = value.get("top_logprobs") or []
+    return [TokenLogprob(str(token).encode(), float(logprob),
+                         tuple(sorted(((str(t).encode(), float(lp)) for t, lp in (tops[i] or {}).items()),
+                                      key=lambda pair: -pair[1])) if i < len(tops) else ())
+            for i, (token, logprob) in enumerate(zip(value.get("tokens") or (), value.get("token_logprobs") or ()))]
 
 
 class UpstreamEngine:
@@ -217,10 +263,16 @@ class UpstreamEngine:
             payload["stream_options"] = {"include_usage": True}
         if request.messages is not None:
             kind = "chat"
-            payload["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            payload["messages"] = [_message(m) for m in request.messages]
+            if params.tools is not None:
+                payload.update(json.loads(params.tools))
+            if params.logprobs is not None:
+                payload["logprobs"], payload["top_logprobs"] = True, params.logprobs
         else:
             kind = "text"
             payload["prompt"] = request.prompt
+            if params.logprobs is not None:
+                payload["logprobs"] = params.logprobs
         session = self._get_session()
         try:
             response = await session.post(self._urls[kind], data=json.dumps(payload).encode())
@@ -233,10 +285,34 @@ class UpstreamEngine:
             raise await _refusal(response)
         return UpstreamGeneration(response, request.stream, self.timeout)
 
+    async def generate_many(self, request: GenerationRequest, n: int) -> list[UpstreamGeneration]:
+        """`n` requests to the upstream side by side (choice i of a seeded request with seed + i), so each choice
+        streams on its own connection and the upstream batches them as it batches any requests."""
+        params = request.params
+        requests = [request if params.seed is None or i == 0 else replace(request, params=replace(params, seed=params.seed + i))
+                    for i in range(n)]
+        results = await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for result in results:
+                if isinstance(result, UpstreamGeneration):
+                    await result.aclose()
+            raise failures[0]
+        return results  # type: ignore[return-value]
+
     async def close(self) -> None:
         self._closed.set()
         if self._session is not None:
             await self._session.close()
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls is not None:
+        out["tool_calls"] = json.loads(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 async def _refusal(response: Any) -> UpstreamError:

@@ -8,6 +8,7 @@ import pytest
 
 from inference.config import DEFAULT_SYSTEM_PROMPT
 from inference.engine.base import ChatMessage, EngineOverloaded, GenerationRequest, SamplingParams
+from inference.engine.llama import LlamaEngine
 from inference.engine.llama.sequence import Finished, Sequence
 
 QUESTIONS = [
@@ -60,8 +61,6 @@ def test_seeded_sampling_is_the_same_alone_and_batched(engine):
 
 
 def test_a_reused_system_prompt_gives_the_same_answer(model_file):
-    from inference.engine.llama import LlamaEngine
-
     path, sha = model_file
     fresh = LlamaEngine(path, n_ctx=512, max_concurrent=2, sha256=sha)
     fresh.load()
@@ -81,8 +80,6 @@ def test_a_reused_system_prompt_gives_the_same_answer(model_file):
 
 
 def alone_on_engine_fixture(model_file, question):
-    from inference.engine.llama import LlamaEngine
-
     path, sha = model_file
     cold = LlamaEngine(path, n_ctx=512, max_concurrent=1, sha256=sha)
     cold.load()
@@ -119,8 +116,6 @@ def test_cancelling_one_sequence_leaves_the_others_untouched(engine):
 
 
 def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_file):
-    from inference.engine.llama import LlamaEngine
-
     path, sha = model_file
     small = LlamaEngine(path, n_ctx=512, max_concurrent=2, max_queued=1, sha256=sha)
     small.load()
@@ -159,6 +154,58 @@ def fed(params, pieces, finish):
         return items, stopped
     finally:
         loop.close()
+
+
+def test_n_choices_start_from_a_copy_of_the_first_ones_prompt(engine):
+    async def scenario(request, n):
+        generations = await engine.generate_many(request, n)
+        texts = await asyncio.gather(*(_text(g) for g in generations))
+        return texts, generations
+
+    question = "Tell me about the moon in one sentence."
+    greedy = chat(question, max_tokens=16)
+    texts, generations = asyncio.run(scenario(greedy, 3))
+    assert texts == [alone(engine, greedy)[0]] * 3  # the copied prompt gives exactly what evaluating it gives
+    prompt = generations[0].prompt_tokens
+    assert [g.reused_prompt_tokens for g in generations[1:]] == [prompt, prompt]  # copied, not evaluated again
+    # Seeded: choice i is the answer to the same request with seed + i, so choices differ and repeat.
+    seeded = chat(question, max_tokens=16, temperature=0.9, seed=7)
+    texts, _ = asyncio.run(scenario(seeded, 3))
+    assert texts == [alone(engine, chat(question, max_tokens=16, temperature=0.9, seed=7 + i))[0] for i in range(3)]
+    assert len(set(texts)) > 1
+
+
+def test_choices_beyond_the_free_slots_wait_and_still_answer(model_file):
+    path, sha = model_file
+    small = LlamaEngine(path, n_ctx=512, max_concurrent=2, max_queued=8, sha256=sha)
+    small.load()
+    try:
+        async def scenario():
+            generations = await small.generate_many(chat("Name a fruit.", max_tokens=8), 4)
+            return await asyncio.gather(*(_text(g) for g in generations)), generations
+
+        texts, generations = asyncio.run(scenario())
+        assert len(set(texts)) == 1 and texts[0]
+        assert all(g.finish_reason in ("stop", "length") for g in generations)
+    finally:
+        small.shutdown()
+
+
+def test_logprobs_are_the_models_distribution_and_only_computed_when_asked(engine):
+    text, generation = alone(engine, chat("What is 2+2?", max_tokens=12, logprobs=3))
+    entries = generation.logprobs
+    assert len(entries) == generation.completion_tokens
+    assert b"".join(e.token for e in entries).decode() == text  # one entry per token, in order
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        # Greedy decoding picks the most likely token.
+        assert entry.top[0] == (entry.token, pytest.approx(entry.logprob))
+    assert alone(engine, chat("What is 2+2?", max_tokens=12))[1].logprobs == []
+
+
+async def _text(generation):
+    return "".join([piece async for piece in generation])
 
 
 def test_utf8_split_across_tokens_is_assembled_before_it_is_sent():

@@ -169,3 +169,59 @@ def test_structured_output_and_sampling_fields_pass_through(sdk, model_id):
         sdk.chat.completions.create(**{**kwargs, "response_format": {"type": "json_schema", "json_schema": {
             "name": "pick", "schema": {"type": "integer", "minimum": 1}}}})
     assert err.value.body["param"] == "response_format"
+
+
+def test_logprobs_and_n_through_the_gateway(sdk, live, model_id):
+    kwargs = dict(model=model_id, messages=ask("Name a fruit."), temperature=0.9, seed=11, max_tokens=10,
+                  logprobs=True, top_logprobs=2, n=2)
+    via_gateway = sdk.chat.completions.create(**kwargs)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0) as direct:
+        upstream = direct.chat.completions.create(**kwargs)
+        text = direct.completions.create(model=model_id, prompt="Apples are", max_tokens=4, temperature=0, logprobs=2)
+    assert [c.message.content for c in via_gateway.choices] == [c.message.content for c in upstream.choices]
+    assert [c.logprobs.model_dump() for c in via_gateway.choices] == [c.logprobs.model_dump() for c in upstream.choices]
+    assert via_gateway.usage.completion_tokens == upstream.usage.completion_tokens
+    streamed = []
+    for chunk in sdk.chat.completions.create(**{**kwargs, "n": 1}, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in upstream.choices[0].logprobs.content]
+    completion = sdk.completions.create(model=model_id, prompt="Apples are", max_tokens=4, temperature=0, logprobs=2)
+    assert completion.choices[0].logprobs.model_dump() == text.choices[0].logprobs.model_dump()
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+def test_tool_calls_pass_through_the_gateway(sdk, live, model_id):
+    kwargs = dict(model=model_id, messages=ask("What's the weather in Paris?"), tools=[WEATHER_TOOL], temperature=0,
+                  max_tokens=40, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    via_gateway = sdk.chat.completions.create(**kwargs)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0) as direct:
+        upstream = direct.chat.completions.create(**kwargs)
+        (call,) = upstream.choices[0].message.tool_calls
+        history = [*kwargs["messages"], {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+        answer = direct.chat.completions.create(model=model_id, messages=history, temperature=0, max_tokens=20)
+    assert via_gateway.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in via_gateway.choices[0].message.tool_calls] == [
+        (call.function.name, call.function.arguments)]
+    # Streamed through the gateway, the deltas assemble to the same call.
+    name, arguments, finish = "", "", None
+    for chunk in sdk.chat.completions.create(**kwargs, stream=True):
+        for delta in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
+            name += delta.function.name or ""
+            arguments += delta.function.arguments or ""
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert (name, arguments, finish) == (call.function.name, call.function.arguments, "tool_calls")
+    # The history's tool turns reach the upstream as they were sent: the same answer as asking it directly.
+    relayed = sdk.chat.completions.create(model=model_id, messages=history, temperature=0, max_tokens=20)
+    assert relayed.choices[0].message.content == answer.choices[0].message.content
+    # The upstream decides what it supports: its refusal of "auto" comes back as it was.
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(**{**kwargs, "tool_choice": "auto"})
+    assert err.value.body["param"] == "tool_choice"

@@ -154,3 +154,23 @@ def test_token_budget_reserves_max_tokens_and_refunds_the_rest(engine, redis_ser
     assert second.status == 200
     assert third.status == 429 and third.json()["error"]["code"] == "tokens_rate_limited"
     assert third.headers["ratelimit-policy"] == '"tokens";q=60;w=60'
+
+
+def test_token_budget_counts_every_choice(engine, redis_server, key_prefix):
+    settings = limited_settings(redis_server, key_prefix, rate_limit_per_minute=100, rate_limit_tokens_per_minute=60)
+    # End-of-sequence tokens banned: both choices run to max_tokens, so the two use the whole budget.
+    body = {"model": engine.info.name, "messages": [{"role": "user", "content": "Tell me a story."}], "n": 2,
+            "max_tokens": 30, "seed": 1, "logit_bias": {str(engine.tokenize("<|im_end|>", special=True)[0]): -100}}
+
+    async def scenario():
+        async with Running(build_app(settings, engine=engine)) as app:
+            first = await call_asgi(app, "POST", "/v1/chat/completions", json.dumps(body).encode(), JSON)
+            while app.service._background:
+                await asyncio.gather(*app.service._background)
+            second = await call_asgi(app, "POST", "/v1/chat/completions",
+                                     json.dumps({**body, "n": 1, "max_tokens": 5}).encode(), JSON)
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.status == 200 and first.json()["usage"]["completion_tokens"] == 60
+    assert second.status == 429 and second.json()["error"]["code"] == "tokens_rate_limited"

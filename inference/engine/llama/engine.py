@@ -18,7 +18,7 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..base import (
     ContextLengthExceeded,
@@ -28,8 +28,9 @@ from ..base import (
     GenerationRequest,
     InvalidPrompt,
     ModelInfo,
+    TokenLogprob,
 )
-from .scheduler import Scheduler
+from .scheduler import Scheduler, TokenLogprobs
 from .sequence import Finished, Sequence
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,16 @@ def file_sha256(path: Path) -> str:
 class LlamaGeneration:
     """Text pieces of one request as the worker produces them; `aclose()` cancels the job."""
 
-    def __init__(self, sequence: Sequence) -> None:
+    def __init__(self, sequence: Sequence, piece: Callable[[int], bytes]) -> None:
         self._sequence = sequence
+        self._piece = piece
         self._done = False
         self._held: Any = None  # the item after a run of pieces, taken from the queue while joining them
         self.prompt_tokens = len(sequence.tokens)
         self.completion_tokens = 0
         self.reused_prompt_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.logprobs: list[TokenLogprob] = []
 
     def __aiter__(self) -> "LlamaGeneration":
         return self
@@ -84,15 +87,21 @@ class LlamaGeneration:
         out = self._sequence.out
         item = self._held if self._held is not None else await out.get()
         self._held = None
+        while isinstance(item, TokenLogprobs):
+            self._logprob(item)
+            item = await out.get()
         if isinstance(item, str):
             # Pieces that queued up while the consumer was busy leave as one: under load the HTTP layer writes
             # fewer, larger chunks instead of falling further behind.
             while not out.empty():
                 following = out.get_nowait()
-                if not isinstance(following, str):
+                if isinstance(following, TokenLogprobs):
+                    self._logprob(following)
+                elif isinstance(following, str):
+                    item += following
+                else:
                     self._held = following
                     break
-                item += following
             return item
         self._done = True
         if isinstance(item, Finished):
@@ -101,6 +110,11 @@ class LlamaGeneration:
             self.reused_prompt_tokens = item.reused_prompt_tokens
             raise StopAsyncIteration
         raise item
+
+    def _logprob(self, item: TokenLogprobs) -> None:
+        piece = self._piece
+        self.logprobs.append(TokenLogprob(piece(item.token), item.logprob,
+                                          tuple((piece(token), logprob) for token, logprob in item.top)))
 
     def cancel(self) -> None:
         self._sequence.cancelled.set()
@@ -201,9 +215,10 @@ class LlamaEngine:
         self._scheduler = Scheduler(
             ctx, slots=self.max_concurrent, max_queued=self.max_queued, n_vocab=model.n_vocab(), vocab=vocab,
             is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
-            piece=lambda token: llm.detokenize([token]),
+            piece=self._piece,
         )
-        self._info = _model_info(self.model_path, sha256, meta, self.n_ctx, model.n_params())
+        self._info = replace(_model_info(self.model_path, sha256, meta, self.n_ctx, model.n_params()),
+                             vocab_size=model.n_vocab())
         # The scheduler thread needs the GIL for a moment between two llama_decode calls; with Python's default
         # 5 ms switch interval it could wait that long for the event loop thread to let go, every step.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
@@ -232,6 +247,10 @@ class LlamaEngine:
     # --- request side (event loop) -------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> LlamaGeneration:
+        return (await self.generate_many(request, 1))[0]
+
+    async def generate_many(self, request: GenerationRequest, n: int) -> list[LlamaGeneration]:
+        """`n` answers to one prompt: the first evaluates it, the others start from a copy of its KV cache."""
         scheduler = self._scheduler
         if scheduler is None or self._closed:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
@@ -240,10 +259,14 @@ class LlamaEngine:
             raise EngineOverloaded(scheduler.queue_depth)
         tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sequence = Sequence(tokens, boundaries, params, seed, asyncio.get_running_loop())
-        scheduler.submit(sequence)
-        return LlamaGeneration(sequence)
+        base = params.seed if params.seed is not None else random.getrandbits(32)
+        loop = asyncio.get_running_loop()
+        sequences: list[Sequence] = []
+        for i in range(n):
+            seed = base + i if params.seed is not None else (base if i == 0 else random.getrandbits(32))
+            sequences.append(Sequence(tokens, boundaries, params, seed, loop, leader=sequences[0] if i else None))
+        scheduler.submit(*sequences)
+        return [LlamaGeneration(sequence, self._piece) for sequence in sequences]
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """The prompt's tokens: the chat template applied to `messages`, or the raw `prompt`."""
@@ -301,6 +324,9 @@ class LlamaEngine:
                 if 0 < len(prefix) < len(tokens) and tokens[: len(prefix)] == prefix:
                     found.add(len(prefix))
         return tuple(sorted(found))
+
+    def _piece(self, token: int) -> bytes:
+        return self._llm.detokenize([token])
 
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         """The model's token ids for `text` (`add_bos`: with the beginning-of-sequence token, if it has one)."""

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 from llama_cpp import llama_cpp as C
 
 from ..base import EngineNotReady, EngineOverloaded
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 
 PROMPT_CHUNK = 256  # prompt tokens per llama_decode: long prompts never stall the running streams for long
 PREFILL_BUDGET = 256  # prompt tokens evaluated per step (at least one piece), between decode steps
+
+
+class TokenLogprobs(NamedTuple):
+    """What the scheduler emits for a token when log probabilities are asked: ids, turned into text by the engine."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 class _Cached:
@@ -83,14 +93,16 @@ class Scheduler:
 
     # --- event loop side -------------------------------------------------------------------------
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, *sequences: Sequence) -> None:
+        """Queue `sequences` together (consecutive in the queue), or none of them."""
         with self.lock:
             if self.closed:
                 raise EngineNotReady("the service is shutting down")
-            if len(self.waiting) >= self.max_queued:
+            if len(self.waiting) + len(sequences) > max(self.max_queued, len(sequences)):
                 raise EngineOverloaded(len(self.waiting))
-            sequence.outbox = self.outbox
-            self.waiting.append(sequence)
+            for sequence in sequences:
+                sequence.outbox = self.outbox
+                self.waiting.append(sequence)
             self.lock.notify()
 
     @property
@@ -223,7 +235,7 @@ class Scheduler:
 
     def _prefill(self) -> None:
         budget = PREFILL_BUDGET
-        for sequence in [s for s in self.running if s.prefilling]:
+        for sequence in [s for s in self.running if s.prefilling and not self._follows(s)]:
             while sequence.prefilling and budget > 0:
                 start, end = sequence.next_chunk(PROMPT_CHUNK)
                 last = len(sequence.tokens) - 1
@@ -231,10 +243,28 @@ class Scheduler:
                 sequence.evaluated = sequence.n_past = end
                 budget -= end - start
                 if not sequence.prefilling:
-                    self._sample(sequence, end - start - 1)
+                    followers = self._fork(sequence)
+                    for each in (sequence, *followers):
+                        self._sample(each, end - start - 1)
                     self._deliver()  # its first token goes out now, not after the other prompts
             if budget <= 0:
                 return
+
+    def _follows(self, sequence: Sequence) -> bool:
+        """True while `sequence` waits for its leader (running, in a slot) to evaluate their common prompt."""
+        leader = sequence.leader
+        return leader is not None and leader.slot >= 0 and leader.prefilling and leader in self.running
+
+    def _fork(self, leader: Sequence) -> list[Sequence]:
+        """The running sequences waiting on `leader`'s prompt, now given a copy of it. The copy is exact: the same
+        tokens evaluated in the same pieces. Across KV streams llama.cpp copies the whole stream, which holds just
+        the prompt at this point (its first generated token is not decoded yet), at the next llama_decode."""
+        followers = [s for s in self.running if s.leader is leader and s.prefilling]
+        for follower in followers:
+            C.llama_memory_seq_cp(self.memory, leader.slot, follower.slot, -1, -1)
+            follower.evaluated = follower.n_past = follower.reused = len(follower.tokens)
+            self.prompt_tokens_reused += len(follower.tokens)
+        return followers
 
     def _decode(self) -> None:
         # In slot order: llama.cpp splits a batch over per-sequence KV streams into as few parts as it can only
@@ -254,9 +284,9 @@ class Scheduler:
             log.exception("sampling failed")
             self._retire(sequence, None, error=exc)
             return
-        self._sampled(sequence, token)
+        self._sampled(sequence, token, row)
 
-    def _sampled(self, sequence: Sequence, token: int) -> None:
+    def _sampled(self, sequence: Sequence, token: int, row: int) -> None:
         sequence.pending = None
         if sequence.cancelled.is_set():
             self._retire(sequence, None)
@@ -266,12 +296,28 @@ class Scheduler:
             return
         sequence.produced += 1
         self.tokens_generated += 1
+        if sequence.params.logprobs is not None:
+            sequence.emit(self._logprobs(row, token, sequence.params.logprobs))
         if sequence.add_text(self.piece(token)):
             self._retire(sequence, "stop", stopped=True)
         elif sequence.produced >= sequence.params.max_tokens:
             self._retire(sequence, "length")
         else:
             sequence.pending = token
+
+    def _logprobs(self, row: int, token: int, k: int) -> TokenLogprobs:
+        """The token's log probability and the k most likely tokens' from the model's logits for batch row `row`
+        (before temperature, penalties, bias or grammar: the model's own distribution, as vLLM reports by default).
+        Only for requests that ask: a log-softmax over the whole vocabulary costs about 0.1 ms a token."""
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        total = peak + math.log(float(np.exp(logits - peak).sum()))
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            best = np.argpartition(logits, -k)[-k:]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            top = tuple((int(i), float(logits[i]) - total) for i in best)
+        return TokenLogprobs(token, float(logits[token]) - total, top)
 
     def _retire(self, sequence: Sequence, reason, *, stopped: bool = False, error: Exception | None = None) -> None:
         self.running.remove(sequence)

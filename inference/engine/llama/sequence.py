@@ -45,6 +45,9 @@ class Sequence:
     pending: int | None = None  # sampled, to be decoded at the next step
     sampler: Sampler | None = None
     outbox: list | None = None  # the scheduler's; None: emit straight to the loop
+    # One of several answers to the same prompt (OpenAI's n): the first of them, whose evaluated prompt this one
+    # copies instead of evaluating it again (scheduler.py, _fork).
+    leader: "Sequence | None" = None
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
 
