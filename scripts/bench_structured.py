@@ -2,8 +2,9 @@
 """The OpenAI fields that cost something on the embedded engine: structured output, logprobs and n.
 
   1. speed: the same chat prompt at temperature 0.8 with the same seeds, free, under a json_schema grammar, and
-     free with logprobs (top 5), alternating, --runs each; completion tokens/s from the first token to the last
-     (prompt time apart), and the ratios to free (the grammar is checked on the sampled token only, and applied to
+     free with logprobs (top 5), alternating, --runs each; decode steps per second from the first token to the end
+     of the answer (prompt time apart; an answer that stopped counts the step that sampled its end), and the
+     ratios to free (the grammar is checked on the sampled token only, and applied to
      the whole vocabulary only when it rejects it; logprobs are a log-softmax over the vocabulary per token);
   2. validity: 20 prompts under a json_schema, temperature 0: how many answers finish with "stop" and how many
      of those validate against the schema (must be all of them), and how many were cut by max_tokens;
@@ -70,8 +71,11 @@ async def run(args: argparse.Namespace) -> dict:
             for label, grammar, logprobs in (("free", None, None), ("json_schema", listing.grammar, None),
                                              ("logprobs", None, 5)):
                 _, generation, seconds = await generate("List many fruits as JSON.", grammar, seed, 0.8, logprobs)
-                if seconds > 0 and generation.completion_tokens > 1:
-                    speeds[label].append((generation.completion_tokens - 1) / seconds)
+                # Decode steps after the first token: one per further token, plus the one that sampled the end of
+                # the answer when it stopped (short answers would otherwise look slow).
+                steps = generation.completion_tokens - 1 + (generation.finish_reason == "stop")
+                if seconds > 0 and steps > 0:
+                    speeds[label].append(steps / seconds)
             print(f"  run {seed + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()) + " tok/s",
                   file=sys.stderr, flush=True)
         stops = valid = cut = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -62,6 +63,19 @@ def engine(model_file: tuple[Path, str | None]) -> Iterator[LlamaEngine]:
     engine.load()
     yield engine
     engine.shutdown()
+
+
+@contextlib.contextmanager
+def own_engine(model_file: tuple[Path, str | None], **options: Any) -> Iterator[LlamaEngine]:
+    """An engine of a test's own (its own slots, queue and cache; 512 tokens of context unless told), loaded, and
+    freed at the end."""
+    path, sha256 = model_file
+    engine = LlamaEngine(path, sha256=sha256, **{"n_ctx": 512, **options})
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 
 class ServerProcess:

@@ -5,10 +5,10 @@ import asyncio
 import resource
 
 import pytest
+from conftest import own_engine
 
 from inference.config import DEFAULT_SYSTEM_PROMPT
 from inference.engine.base import ChatMessage, EngineOverloaded, GenerationRequest, SamplingParams
-from inference.engine.llama import LlamaEngine
 from inference.engine.llama.sequence import Finished, Sequence
 
 QUESTIONS = [
@@ -61,16 +61,11 @@ def test_seeded_sampling_is_the_same_alone_and_batched(engine):
 
 
 def test_a_reused_system_prompt_gives_the_same_answer(model_file):
-    path, sha = model_file
-    fresh = LlamaEngine(path, n_ctx=512, max_concurrent=2, sha256=sha)
-    fresh.load()
-    try:
+    with own_engine(model_file, max_concurrent=2) as fresh:
         first, gen_first = alone(fresh, chat("Name a large animal."))
         assert gen_first.reused_prompt_tokens == 0  # nothing cached yet: evaluated whole
         again, gen_again = alone(fresh, chat("Name a large animal."))
         other, gen_other = alone(fresh, chat("What is 2+2?"))
-    finally:
-        fresh.shutdown()
     # The system message is a prefix every request shares: the second and third reuse it.
     assert gen_again.reused_prompt_tokens > 0 and gen_other.reused_prompt_tokens > 0
     assert fresh.prompt_tokens_reused == gen_again.reused_prompt_tokens + gen_other.reused_prompt_tokens
@@ -80,15 +75,10 @@ def test_a_reused_system_prompt_gives_the_same_answer(model_file):
 
 
 def alone_on_engine_fixture(model_file, question):
-    path, sha = model_file
-    cold = LlamaEngine(path, n_ctx=512, max_concurrent=1, sha256=sha)
-    cold.load()
-    try:
+    with own_engine(model_file, max_concurrent=1) as cold:
         text, gen = alone(cold, chat(question))
         assert gen.reused_prompt_tokens == 0
         return text
-    finally:
-        cold.shutdown()
 
 
 def test_multi_turn_history_is_reused_and_answers_the_same(engine):
@@ -116,10 +106,7 @@ def test_cancelling_one_sequence_leaves_the_others_untouched(engine):
 
 
 def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_file):
-    path, sha = model_file
-    small = LlamaEngine(path, n_ctx=512, max_concurrent=2, max_queued=1, sha256=sha)
-    small.load()
-    try:
+    with own_engine(model_file, max_concurrent=2, max_queued=1) as small:
         async def scenario():
             running = []
             for _ in range(2):
@@ -136,8 +123,6 @@ def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_f
 
         text, waiting = asyncio.run(scenario())
         assert text and waiting.finish_reason == "length"
-    finally:
-        small.shutdown()
 
 
 def fed(params, pieces, finish):
@@ -176,10 +161,7 @@ def test_n_choices_start_from_a_copy_of_the_first_ones_prompt(engine):
 
 
 def test_choices_beyond_the_free_slots_wait_and_still_answer(model_file):
-    path, sha = model_file
-    small = LlamaEngine(path, n_ctx=512, max_concurrent=2, max_queued=8, sha256=sha)
-    small.load()
-    try:
+    with own_engine(model_file, max_concurrent=2, max_queued=8) as small:
         async def scenario():
             generations = await small.generate_many(chat("Name a fruit.", max_tokens=8), 4)
             return await asyncio.gather(*(_text(g) for g in generations)), generations
@@ -187,8 +169,6 @@ def test_choices_beyond_the_free_slots_wait_and_still_answer(model_file):
         texts, generations = asyncio.run(scenario())
         assert len(set(texts)) == 1 and texts[0]
         assert all(g.finish_reason in ("stop", "length") for g in generations)
-    finally:
-        small.shutdown()
 
 
 def test_logprobs_are_the_models_distribution_and_only_computed_when_asked(engine):

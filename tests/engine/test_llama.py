@@ -13,7 +13,7 @@ from inference.engine.base import (
     SamplingParams,
 )
 
-from conftest import says_four, says_paris
+from conftest import own_engine, says_four, says_paris
 
 
 def chat(prompt, **params):
@@ -116,12 +116,8 @@ def test_cancelling_frees_the_engine_within_a_few_tokens(engine):
 
 
 def test_queue_is_bounded(model_file):
-    from inference.engine.llama import LlamaEngine
-
-    path, sha = model_file
-    small = LlamaEngine(path, n_ctx=512, max_queued=1, max_concurrent=1, sha256=sha)
-    small.load()
-    try:
+    
+    with own_engine(model_file, max_queued=1, max_concurrent=1) as small:
         async def scenario():
             first = await small.generate(chat("Tell me about whales.", max_tokens=64))
             await first.__anext__()  # the worker holds the first job; the queue is empty again
@@ -132,8 +128,6 @@ def test_queue_is_bounded(model_file):
             await second.aclose()
 
         run(scenario())
-    finally:
-        small.shutdown()
 
 
 def test_model_info_is_read_from_the_gguf(engine, model_file):

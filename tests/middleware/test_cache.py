@@ -54,7 +54,7 @@ def test_openai_responses_are_cached_whole(engine, cache_settings):
       {"stream": True}]),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0},
      [{"prompt": "Hi!"}, {"max_tokens": 4}, {"seed": 2}, {"stop": "x"}, {"user": "someone"}, {"frequency_penalty": 0.5},
-      {"some_extension": 1},
+      {"some_extension": 1}, {"n": 2}, {"logprobs": 1},
       {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}]),
 ])
 def test_every_parameter_is_part_of_the_key(engine, cache_settings, path, base, variations):
@@ -121,6 +121,12 @@ def sse_chunks(result):
     ("/api/v1/infer", {"prompt": "Tell me about cats.", "max_tokens": 12, "stream": True}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me about cats."}], "max_tokens": 12,
                               "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me about cats."}], "max_tokens": 12,
+                              "stream": True, "n": 2, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Weather in Rome?"}], "max_tokens": 30,
+                              "stream": True, "tool_choice": "required", "tools": [{"type": "function", "function": {
+                                  "name": "weather", "parameters": {"type": "object", "properties": {
+                                      "city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]}),
 ])
 def test_a_cached_stream_is_replayed_as_the_same_chunks(engine, cache_settings, path, body):
     async def scenario():
