@@ -36,7 +36,7 @@ def create_engine(settings: Settings) -> Engine:
     path, sha256 = resolve_model(settings.model_path, settings.model_cache_dir)
     return LlamaEngine(
         path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, max_queued=settings.max_queued_requests,
-        max_concurrent=settings.max_concurrent_requests, sha256=sha256,
+        max_concurrent=settings.max_concurrent_requests, queue_timeout=settings.queue_timeout_seconds, sha256=sha256,
     )
 
 

@@ -7,6 +7,7 @@ with a ConfigError naming the variable and what is allowed.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -58,6 +59,19 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         if value is None or value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise ValueError(f"must be an integer {bound}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float, maximum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = math.nan
+        if not minimum <= value <= maximum:  # also refuses nan
+            raise ValueError(f"must be a number of seconds between {minimum:g} and {maximum:g}")
         return value
 
     return parse
@@ -204,6 +218,8 @@ class Settings:
     max_queued_requests: int = 64
     max_concurrent_requests: int = 8
     max_choices: int = 4
+    queue_timeout_seconds: float = 30.0
+    request_timeout_seconds: float = 300.0
     cache_ttl_seconds: int = 60
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
@@ -296,6 +312,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_queued_requests": _int(1),
     "max_concurrent_requests": _int(1, 256),
     "max_choices": _int(1, 128),
+    "queue_timeout_seconds": _float(0.001, 86400),
+    "request_timeout_seconds": _float(0.001, 86400),
     "cache_ttl_seconds": _int(1),
     "system_prompt": _text,
     "chat_system_prompt": _bool,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from opentelemetry import trace
@@ -21,6 +23,8 @@ from .engine.base import (
     GenerationRequest,
     InvalidPrompt,
     ModelInfo,
+    QueueTimeout,
+    RequestTimeout,
     UpstreamError,
 )
 from .errors import HTTPError
@@ -134,6 +138,7 @@ class Service:
         """`n` answers to one request (OpenAI's `n`), as `generate`: one span, one reservation of n x max_tokens,
         usage counting the prompt once and every choice's tokens."""
         info = self.model()
+        request = replace(request, client=client or "", deadline=self._deadline(scope, request.stream))
         reserved = await self._reserve(request, client, n) if self.token_policy and client else 0
         attributes = _generation_attributes(request, info)
         if n > 1:
@@ -185,6 +190,24 @@ class Service:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
+
+    def _deadline(self, scope: Scope | None, stream: bool) -> float:
+        """When the answer must be complete: REQUEST_TIMEOUT_SECONDS from now, or sooner if the client says so
+        (X-Request-Timeout: seconds; for a whole answer, also the OpenAI SDKs' X-Stainless-Read-Timeout, as
+        its read timeout is then the time it waits for the whole answer)."""
+        limit = self.settings.request_timeout_seconds
+        headers = dict(scope["headers"]) if scope is not None else {}
+        asked = headers.get(b"x-request-timeout")
+        if asked is not None:
+            seconds = _seconds(asked)
+            if seconds is None:
+                raise HTTPError(400, "invalid_header", "X-Request-Timeout must be a positive number of seconds",
+                                field="X-Request-Timeout")
+            limit = min(limit, seconds)
+        sdk = headers.get(b"x-stainless-read-timeout")
+        if sdk is not None and not stream and (seconds := _seconds(sdk)) is not None:
+            limit = min(limit, seconds)
+        return time.monotonic() + limit
 
     async def _reserve(self, request: GenerationRequest, client: str, n: int = 1) -> int:
         policy = self.token_policy
@@ -305,6 +328,10 @@ def engine_http_error(exc: EngineError) -> HTTPError:
         return HTTPError(400, "invalid_prompt", str(exc), field=exc.field)
     if isinstance(exc, EngineOverloaded):
         return HTTPError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, QueueTimeout):
+        return HTTPError(503, "queue_timeout", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, RequestTimeout):
+        return HTTPError(504, "timeout", str(exc))
     if isinstance(exc, EngineNotReady):
         return HTTPError(503, "model_not_ready", str(exc), headers={"Retry-After": NOT_READY_RETRY_AFTER})
     if isinstance(exc, UpstreamError):
@@ -351,6 +378,14 @@ async def _cancel_on_disconnect(receive: Receive, generations: list[Generation])
         pass
     for generation in generations:
         generation.cancel()
+
+
+def _seconds(raw: bytes) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 < value < math.inf else None
 
 
 def _url_host(host: str) -> str:

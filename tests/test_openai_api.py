@@ -176,15 +176,17 @@ def test_v1_routing_errors_use_openai_shape(live):
 def test_first_token_arrives_long_before_the_last(live, model_id):
     body = {"model": model_id, "messages": ask("Write a long story about a lighthouse."), "max_tokens": 150,
             "temperature": 0.8, "seed": 3, "stream": True}
-    arrivals = []
+    engine = live.app.service.engine
+    before, generated_at_arrival = engine.tokens_generated, []
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
-                arrivals.append(time.perf_counter())
-    assert len(arrivals) > 100
-    # Chunks arrive spread over the generation, not in one burst at the end.
-    first_half = arrivals[len(arrivals) // 2] - arrivals[0]
-    assert first_half > 0.25 * (arrivals[-1] - arrivals[0])
+                generated_at_arrival.append(engine.tokens_generated - before)
+    total = engine.tokens_generated - before
+    assert total >= 60 and len(generated_at_arrival) > 10
+    # Chunks arrive as the tokens are generated, not in one burst at the end (counted in tokens, not seconds,
+    # so a loaded machine cannot make it fail).
+    assert generated_at_arrival[0] < total // 4 and generated_at_arrival[len(generated_at_arrival) // 2] < 3 * total // 4
 
 
 def test_client_gone_mid_stream_frees_the_engine_within_a_few_tokens(live, model_id, engine):

@@ -110,6 +110,6 @@ def routes(service: Service) -> list[Route]:
             "POST", "/api/v1/infer", labelled_errors(infer),
             summary="Answer one prompt with the model (stream: server-sent events token/done/error)",
             request_schema=InferRequest, response_schema=InferResponse,
-            errors=(400, 401, 413, 422, 429, 503), overrides=overrides, limited=True, streams=True,
+            errors=(400, 401, 413, 422, 429, 502, 503, 504), overrides=overrides, limited=True, streams=True,
         ),
     ]

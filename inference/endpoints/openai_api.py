@@ -195,7 +195,7 @@ def routes(service: Service) -> list[Route]:
         generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured))
 
-    errors = (400, 401, 404, 413, 429, 503)
+    errors = (400, 401, 404, 413, 429, 502, 503, 504)
     return [
         Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",

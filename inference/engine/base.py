@@ -59,6 +59,11 @@ class GenerationRequest:
     prompt: str | None = None
     # A hint: the caller wants the pieces as they come. A remote engine may fetch the whole answer at once.
     stream: bool = True
+    # Who asked (API key or address): the embedded engine's queue takes clients in turn.
+    client: str = ""
+    # time.monotonic() by which the answer must be complete (REQUEST_TIMEOUT_SECONDS, or less if the client asks):
+    # past it, a waiting request is dropped and a running one stopped with RequestTimeout. None: no limit.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,21 @@ class EngineOverloaded(EngineError):
     def __init__(self, waiting: int, retry_after: int = 1) -> None:
         super().__init__(f"{waiting} requests are already waiting for the model; retry shortly")
         self.retry_after = retry_after
+
+
+class QueueTimeout(EngineError):
+    """The request waited longer than QUEUE_TIMEOUT_SECONDS for a free slot and was dropped without running."""
+
+    def __init__(self, waited: float, retry_after: int = 1) -> None:
+        super().__init__(f"waited {waited:.1f} s for a free sequence slot without getting one; retry shortly")
+        self.retry_after = retry_after
+
+
+class RequestTimeout(EngineError):
+    """The request's deadline passed before its answer was complete."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"the answer was not complete within the request's time limit of {limit:g} s")
 
 
 class EngineNotReady(EngineError):

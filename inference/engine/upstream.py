@@ -14,12 +14,22 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
-from .base import ChatMessage, EngineNotReady, FinishReason, GenerationRequest, ModelInfo, TokenLogprob, UpstreamError
+from .base import (
+    ChatMessage,
+    EngineNotReady,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    RequestTimeout,
+    TokenLogprob,
+    UpstreamError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ def _aiohttp() -> Any:
 class UpstreamGeneration:
     """Text pieces read from the upstream's answer as the caller iterates."""
 
-    def __init__(self, response: Any, stream: bool, timeout: float) -> None:
+    def __init__(self, response: Any, stream: bool, timeout: float, deadline: float | None = None) -> None:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -50,6 +60,8 @@ class UpstreamGeneration:
         self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
         self._response = response
         self._timeout = timeout
+        self._deadline = deadline
+        self._started = time.monotonic()
         self._cancelled = False
         self._pieces = self._read_stream() if stream else self._read_whole()
 
@@ -69,6 +81,8 @@ class UpstreamGeneration:
                 self.finish_reason = None
                 raise StopAsyncIteration from None
             if isinstance(exc, asyncio.TimeoutError):
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    raise RequestTimeout(self._deadline - self._started) from None
                 raise UpstreamError(504, "upstream_timeout", f"the upstream stalled for {self._timeout:g} s") from None
             raise UpstreamError(502, "upstream_error", f"the upstream's answer broke off: {exc!r}") from None
 
@@ -240,6 +254,7 @@ class UpstreamEngine:
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
         aiohttp = _aiohttp()
+        started = time.monotonic()
         params = request.params
         payload: dict[str, Any] = {
             "model": self.model, "temperature": params.temperature, "top_p": params.top_p, "stream": request.stream,
@@ -274,16 +289,22 @@ class UpstreamEngine:
             if params.logprobs is not None:
                 payload["logprobs"] = params.logprobs
         session = self._get_session()
+        options: dict[str, Any] = {}
+        if request.deadline is not None:  # the whole exchange, body included, ends by the request's deadline
+            options["timeout"] = aiohttp.ClientTimeout(total=max(request.deadline - time.monotonic(), 0.001),
+                                                       connect=CONNECT_TIMEOUT, sock_read=self.timeout)
         try:
-            response = await session.post(self._urls[kind], data=json.dumps(payload).encode())
+            response = await session.post(self._urls[kind], data=json.dumps(payload).encode(), **options)
         except asyncio.TimeoutError:
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise RequestTimeout(request.deadline - started) from None
             raise UpstreamError(504, "upstream_timeout",
                                 f"the upstream at {self.base_url} did not answer within {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc}") from None
         if response.status >= 400:
             raise await _refusal(response)
-        return UpstreamGeneration(response, request.stream, self.timeout)
+        return UpstreamGeneration(response, request.stream, self.timeout, request.deadline)
 
     async def generate_many(self, request: GenerationRequest, n: int) -> list[UpstreamGeneration]:
         """`n` requests to the upstream side by side (choice i of a seeded request with seed + i), so each choice

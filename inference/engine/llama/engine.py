@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -140,6 +141,7 @@ class LlamaEngine:
         n_threads: int = 0,
         max_queued: int = 64,
         max_concurrent: int = 8,
+        queue_timeout: float | None = None,
         sha256: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
@@ -147,6 +149,7 @@ class LlamaEngine:
         self.n_threads = n_threads
         self.max_queued = max_queued
         self.max_concurrent = max_concurrent
+        self.queue_timeout = queue_timeout
         self._sha256 = sha256
         self._llm: Any = None
         self._ctx: Any = None
@@ -256,15 +259,19 @@ class LlamaEngine:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
         # Refused before any rendering or tokenizing: overload must cost almost nothing.
         if scheduler.queue_depth >= self.max_queued:
-            raise EngineOverloaded(scheduler.queue_depth)
+            raise EngineOverloaded(scheduler.queue_depth, scheduler.retry_after())
         tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
         base = params.seed if params.seed is not None else random.getrandbits(32)
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        admission = {"client": request.client, "queued_at": now, "deadline": request.deadline,
+                     "queue_deadline": None if self.queue_timeout is None else now + self.queue_timeout}
         sequences: list[Sequence] = []
         for i in range(n):
             seed = base + i if params.seed is not None else (base if i == 0 else random.getrandbits(32))
-            sequences.append(Sequence(tokens, boundaries, params, seed, loop, leader=sequences[0] if i else None))
+            sequences.append(Sequence(tokens, boundaries, params, seed, loop, leader=sequences[0] if i else None,
+                                      **admission))
         scheduler.submit(*sequences)
         return [LlamaGeneration(sequence, self._piece) for sequence in sequences]
 

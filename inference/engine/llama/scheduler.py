@@ -27,12 +27,14 @@ import collections
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from llama_cpp import llama_cpp as C
 
-from ..base import EngineNotReady, EngineOverloaded
+from ..base import EngineNotReady, EngineOverloaded, QueueTimeout, RequestTimeout
+from .admission import DrainRate, FairQueue
 from .sampling import Sampler
 from .sequence import Sequence, deliver
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_CHUNK = 256  # prompt tokens per llama_decode: long prompts never stall the running streams for long
 PREFILL_BUDGET = 256  # prompt tokens evaluated per step (at least one piece), between decode steps
+EXPIRY_INTERVAL = 0.05  # seconds between scans of the queue for requests that expired or were abandoned
 NEAR_TOP = 1024  # logprobs: how many candidates near the top logit are sorted at most
 
 
@@ -102,12 +105,14 @@ class Scheduler:
         self.piece = piece
         self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
         self.lock = threading.Condition()
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting = FairQueue()
+        self.drain = DrainRate()
         self.running: list[Sequence] = []
         self.idle: collections.OrderedDict[int, _Cached] = collections.OrderedDict()  # least recently used first
         self.free = list(range(slots - 1, -1, -1))
         self.outbox: list = []  # what sequences emitted this step, handed to the event loop at its end
         self.closed = False
+        self._next_expiry = 0.0
         # Written by this thread only; read by tests and metrics.
         self.tokens_generated = 0
         self.prompt_tokens_reused = 0
@@ -115,26 +120,30 @@ class Scheduler:
     # --- event loop side -------------------------------------------------------------------------
 
     def submit(self, *sequences: Sequence) -> None:
-        """Queue `sequences` together (consecutive in the queue), or none of them."""
+        """Queue `sequences` (one request's: admitted together, in its client's turn), or none of them."""
         with self.lock:
             if self.closed:
                 raise EngineNotReady("the service is shutting down")
             if len(self.waiting) + len(sequences) > max(self.max_queued, len(sequences)):
-                raise EngineOverloaded(len(self.waiting))
+                raise EngineOverloaded(len(self.waiting), self.retry_after())
             for sequence in sequences:
                 sequence.outbox = self.outbox
-                self.waiting.append(sequence)
+            self.waiting.push(list(sequences))
             self.lock.notify()
 
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    def retry_after(self) -> int:
+        """Seconds an overloaded client should wait: until the queue ahead of it has drained, at the recent pace."""
+        return self.drain.retry_after(len(self.waiting), time.monotonic())
+
     def stop(self) -> None:
         """Refuse new work, fail what waits, cancel what runs; the loop then retires it all and returns."""
         with self.lock:
             self.closed = True
-            waiting, self.waiting = list(self.waiting), collections.deque()
+            waiting = self.waiting.clear()
             for sequence in self.running:
                 sequence.cancelled.set()
             self.lock.notify()
@@ -150,6 +159,7 @@ class Scheduler:
                         self.lock.wait()
                     if self.closed and not self.running:
                         return
+                    self._expire()
                     self._admit()
                 self._step()
                 self._deliver()
@@ -160,7 +170,7 @@ class Scheduler:
             # Whatever ended the loop, nobody may wait forever: what is left fails, and new work is refused.
             with self.lock:
                 self.closed = True
-                left, self.waiting = list(self.waiting) + self.running, collections.deque()
+                left = self.waiting.clear() + self.running
                 self.running = []
             for sequence in left:
                 if sequence.sampler is not None:
@@ -176,8 +186,11 @@ class Scheduler:
             deliver(items)
 
     def _step(self) -> None:
+        now = time.monotonic()
         for sequence in [s for s in self.running if s.cancelled.is_set()]:
             self._retire(sequence, None)
+        for sequence in [s for s in self.running if s.deadline is not None and now > s.deadline]:
+            self._retire(sequence, None, error=RequestTimeout(round(sequence.deadline - sequence.queued_at, 3)))
         try:
             self._prefill()
             self._decode()
@@ -188,10 +201,29 @@ class Scheduler:
 
     # --- admission and prefix reuse --------------------------------------------------------------
 
+    def _expire(self) -> None:
+        """Drop what waits for nothing (its client left) or too long (QUEUE_TIMEOUT_SECONDS, or the request's own
+        deadline), without running it (called under the lock)."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_INTERVAL
+
+        def doomed(s: Sequence) -> bool:
+            return s.cancelled.is_set() or (s.queue_deadline is not None and now > s.queue_deadline) or (
+                s.deadline is not None and now > s.deadline)
+
+        for sequence in self.waiting.remove(doomed):
+            if sequence.cancelled.is_set():
+                sequence.finish(None)
+            elif sequence.deadline is not None and now > sequence.deadline:
+                sequence.emit(RequestTimeout(round(sequence.deadline - sequence.queued_at, 3)))
+            else:
+                sequence.emit(QueueTimeout(now - sequence.queued_at, self.retry_after()))
+
     def _admit(self) -> None:
-        """Start waiting sequences in arrival order while a slot is free (called under the lock)."""
-        while self.waiting and len(self.running) < self.slots:
-            sequence = self.waiting.popleft()
+        """Start waiting sequences, clients in turn, while a slot is free (called under the lock)."""
+        while len(self.running) < self.slots and (sequence := self.waiting.pop()) is not None:
             if sequence.cancelled.is_set():
                 sequence.finish(None)
                 continue
@@ -342,6 +374,7 @@ class Scheduler:
 
     def _retire(self, sequence: Sequence, reason, *, stopped: bool = False, error: Exception | None = None) -> None:
         self.running.remove(sequence)
+        self.drain.record(time.monotonic())
         if sequence.sampler is not None:
             sequence.sampler.close()
             sequence.sampler = None

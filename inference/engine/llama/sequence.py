@@ -48,6 +48,12 @@ class Sequence:
     # One of several answers to the same prompt (OpenAI's n): the first of them, whose evaluated prompt this one
     # copies instead of evaluating it again (scheduler.py, _fork).
     leader: "Sequence | None" = None
+    # Admission: whose it is (clients are served in turn), and the time.monotonic() deadlines: to leave the queue
+    # (QUEUE_TIMEOUT_SECONDS) and to be complete (the request's own; None: none).
+    client: str = ""
+    queued_at: float = 0.0
+    queue_deadline: float | None = None
+    deadline: float | None = None
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
 
