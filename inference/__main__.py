@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from .config import ConfigError, Settings
 from .logs import configure as configure_logging
@@ -60,6 +61,8 @@ def healthcheck(settings: Settings, path: str = "/ready", timeout: float = 3.0) 
 
 
 def serve(settings: Settings) -> int:
+    import threading
+
     import uvicorn
 
     from .app import build_app
@@ -74,14 +77,40 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     app = build_app(settings, on_fatal=on_fatal)
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with a drain first: on SIGTERM (or SIGINT) /ready turns 503 at once and requests keep being
+        served for DRAIN_DELAY_SECONDS, so load balancers stop routing here before connections are refused; then
+        uvicorn's graceful shutdown (no new connections, what is in flight finishes). A second signal skips the
+        rest of the drain; a second Ctrl-C quits at once, as uvicorn's does."""
+
+        draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining or self.should_exit or not settings.drain_delay_seconds:
+                if not self.draining:
+                    app.service.drain()
+                self.draining = True
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            self._captured_signals.append(sig)  # uvicorn re-raises it once shut down: the exit status tells
+            app.service.drain()
+            timer = threading.Timer(settings.drain_delay_seconds, self._stop_accepting)
+            timer.daemon = True
+            timer.start()
+
+        def _stop_accepting(self) -> None:
+            self.should_exit = True
+
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) + 1,
         # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
         proxy_headers=False,
         access_log=False,  # the service writes its own request log (middleware/metrics.py)
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     server.run()
     return 1 if failed else 0
 

@@ -220,6 +220,9 @@ class Settings:
     max_choices: int = 4
     queue_timeout_seconds: float = 30.0
     request_timeout_seconds: float = 300.0
+    watchdog_seconds: float = 30.0
+    drain_delay_seconds: float = 5.0
+    shutdown_timeout_seconds: float = 30.0
     cache_ttl_seconds: int = 60
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
@@ -314,6 +317,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_choices": _int(1, 128),
     "queue_timeout_seconds": _float(0.001, 86400),
     "request_timeout_seconds": _float(0.001, 86400),
+    "watchdog_seconds": _float(0, 86400),
+    "drain_delay_seconds": _float(0, 3600),
+    "shutdown_timeout_seconds": _float(1, 3600),
     "cache_ttl_seconds": _int(1),
     "system_prompt": _text,
     "chat_system_prompt": _bool,

@@ -38,6 +38,7 @@ from .telemetry import Metrics, Tracing, exemplar
 log = logging.getLogger("inference")
 
 NOT_READY_RETRY_AFTER = "5"
+ABORT_MARGIN = 2.0  # seconds before the server's own graceful-shutdown timeout at which requests are ended
 
 
 class Service:
@@ -70,12 +71,41 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
         self.state = "loading"
         self.reason: str | None = "the model is loading"
+        self.stalled = False  # the watchdog's finding: work in flight, no progress for WATCHDOG_SECONDS
         self._load_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._load_task = asyncio.get_running_loop().create_task(self._load())
+        self._loop = asyncio.get_running_loop()
+        self._load_task = self._loop.create_task(self._load())
+
+    def drain(self) -> None:
+        """SIGTERM: report not ready at once (load balancers stop sending), keep serving; the server stops
+        accepting DRAIN_DELAY_SECONDS later and waits for what is in flight. Whatever has not finished
+        SHUTDOWN_TIMEOUT_SECONDS after that is ended with an error (an error event on a stream), never cut
+        silently. Safe to call from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        if self.state in ("draining", "stopping"):
+            return
+        self.state, self.reason = "draining", "the service is shutting down"
+        log.info("draining: not ready; still serving for %g s, then finishing what is in flight (at most %g s)",
+                 self.settings.drain_delay_seconds, self.settings.shutdown_timeout_seconds)
+        timeout = self.settings.shutdown_timeout_seconds
+        assert self._loop is not None
+        self._loop.call_later(self.settings.drain_delay_seconds + timeout - min(ABORT_MARGIN, timeout / 4),
+                              self._abort)
+
+    def _abort(self) -> None:
+        abort = getattr(self.engine, "abort", None)
+        if abort is not None:
+            log.warning("shutdown timeout: ending the requests still in flight with an error")
+            abort()
 
     async def _load(self) -> None:
         try:
@@ -87,7 +117,10 @@ class Service:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        self.state, self.reason = "ready", None
+        if self.state == "loading":
+            self.state, self.reason = "ready", None
+        if self.settings.watchdog_seconds and getattr(self.engine, "progress", None) is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         info = self.engine.info
         self.metrics.model_info.labels(info.name, info.revision, info.backend).set(1)
         log.info(
@@ -95,7 +128,37 @@ class Service:
             _url_host(self.settings.host), self.settings.port, info.name, info.revision, info.backend,
         )
 
+    async def _watch(self) -> None:
+        """Readiness that tells the truth: with work in flight and no step of the engine for WATCHDOG_SECONDS, the
+        service is not ready (a load balancer routes around it) until the engine moves again."""
+        limit = self.settings.watchdog_seconds
+        engine: Any = self.engine
+        last, since = engine.progress, time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now, progress = time.monotonic(), engine.progress
+            if progress != last or not engine.busy:
+                last, since = progress, now
+                if self.stalled:
+                    log.warning("the engine is making progress again")
+                self.stalled = False
+            elif now - since >= limit and not self.stalled:
+                self.stalled = True
+                self.metrics.stalls.inc()
+                log.error("the engine has made no progress for %g s with work in flight: not ready", limit)
+            self.metrics.stalled.set(float(self.stalled))
+
+    @property
+    def readiness(self) -> tuple[str, str | None]:
+        """("ready", None), or the state and why not: loading, failed, stalled, draining, stopping."""
+        if self.state == "ready" and self.stalled:
+            return "stalled", (f"the engine has made no progress for {self.settings.watchdog_seconds:g} s with "
+                               "requests in flight")
+        return self.state, self.reason
+
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.state, self.reason = "stopping", "the service is shutting down"
         if self._load_task is not None and not self._load_task.done():
             await asyncio.wait({self._load_task}, timeout=30)
@@ -106,7 +169,8 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        """The model is loaded and requests are served (also while draining: /ready says no, work goes on)."""
+        return self.state in ("ready", "draining")
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -62,6 +62,11 @@ class Metrics:
                               ["type"], registry=registry)
         self.redis_up = Gauge("inference_redis_up", "1 when Redis answers, 0 when it does not (only with REDIS_URL)",
                               registry=registry)
+        self.stalled = Gauge("inference_engine_stalled",
+                             "1 while the watchdog finds work in flight but no engine progress (then /ready is 503)",
+                             registry=registry)
+        self.stalls = Counter("inference_engine_stalls", "Times the watchdog found the engine stalled",
+                              registry=registry)
         self.model_info = Gauge("inference_model_info", "The served model (value 1)",
                                 ["model", "revision", "backend"], registry=registry)
         for result in ("hit", "miss", "bypass"):

@@ -80,8 +80,13 @@ def test_pods_are_hardened_and_probed(rendered):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model load on a cold node
     assert {"mountPath": "/tmp", "name": "tmp"} in c["volumeMounts"]
     pod = objects[("Deployment", "inference")]["spec"]["template"]["spec"]
-    pause = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pause + 30  # the service drains for up to 30 s after SIGTERM
+    # The service drains itself (serving while /ready says 503, then finishing what is in flight): no preStop
+    # sleep, and a grace period longer than both phases.
+    assert "lifecycle" not in c
+    config = dict(line.split("=", 1) for line in (ROOT / "k8s/base/config.env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    drain = float(config["DRAIN_DELAY_SECONDS"]) + float(config["SHUTDOWN_TIMEOUT_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > drain + 5
     assert ("ServiceAccount", "inference") in objects and pod["serviceAccountName"] == "inference"
     assert ("PodDisruptionBudget", "inference") in objects
     assert {("NetworkPolicy", "inference"), ("NetworkPolicy", "redis")} <= set(objects)

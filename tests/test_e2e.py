@@ -134,7 +134,7 @@ def test_sigterm_lets_the_request_in_flight_finish(model_file):
 
     from conftest import ServerProcess, says_four
 
-    proc = ServerProcess({"MODEL_PATH": str(model_file[0])})
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0]), "DRAIN_DELAY_SECONDS": "0.2"})
     try:
         proc.wait_ready()
         body = {"prompt": "Write a story about a fox.", "max_tokens": 30, "temperature": 0.8, "stream": True}

@@ -1,10 +1,15 @@
 """Hardening through the HTTP layer, against the real model: deadlines (the service's, the client's header), a
-queue that drops what waited too long, refusals that say when to come back."""
+queue that drops what waited too long, readiness that reports a stalled engine, and a SIGTERM drain that loses
+nothing accepted."""
 
 import asyncio
 import json
+import signal
+import threading
+import time
 
-from conftest import Running, base_settings, call_asgi, own_engine
+import httpx
+from conftest import Running, ServerProcess, base_settings, call_asgi, own_engine
 
 from inference.app import build_app
 
@@ -12,8 +17,9 @@ JSON = [("content-type", "application/json")]
 
 
 def chat(engine, **fields):
+    # The end-of-turn token banned: the answer runs to max_tokens, seconds here, unless something stops it.
     body = {"model": engine.info.name, "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 400, **fields}
+            "max_tokens": 400, "logit_bias": {"2": -100}, **fields}
     return json.dumps(body).encode()
 
 
@@ -44,8 +50,9 @@ def test_a_client_deadline_header_ends_the_request_with_504(engine):
 def test_the_service_deadline_applies_to_every_request(engine):
     async def scenario():
         async with Running(build_app(base_settings(request_timeout_seconds=0.3), engine=engine)) as app:
-            return await call_asgi(app, "POST", "/api/v1/infer",
-                                   json.dumps({"prompt": "Tell me a long story.", "max_tokens": 400}).encode(), JSON)
+            body = {"model": engine.info.name, "prompt": "Once upon a time", "max_tokens": 400,
+                    "logit_bias": {"0": -100, "2": -100}}
+            return await call_asgi(app, "POST", "/v1/completions", json.dumps(body).encode(), JSON)
 
     response = asyncio.run(scenario())
     assert response.status == 504 and response.json()["error"]["code"] == "timeout"
@@ -65,3 +72,114 @@ def test_a_request_that_waited_too_long_is_a_503_with_retry_after(model_file):
         waiting = asyncio.run(scenario())
     assert waiting.status == 503 and waiting.json()["error"]["code"] == "queue_timeout"
     assert int(waiting.headers["retry-after"]) >= 1
+
+
+def test_readiness_reports_a_stalled_engine_and_recovers(model_file):
+    with own_engine(model_file, max_concurrent=1) as small:
+        async def ready(app):
+            response = await call_asgi(app, "GET", "/ready")
+            return response.status, response.json()["status"]
+
+        async def scenario():
+            async with Running(build_app(base_settings(watchdog_seconds=0.3), engine=small)) as app:
+                generation = await app.service.generate(
+                    (await _long_request(small)), client="ip:test")
+                await generation.__anext__()  # generating
+                held, release = threading.Event(), threading.Event()
+
+                def hold():  # the engine's loop cannot take its lock: no step, as if it hung
+                    with small._scheduler.lock:
+                        held.set()
+                        release.wait()
+
+                holder = threading.Thread(target=hold)
+                holder.start()
+                await asyncio.to_thread(held.wait)
+                seen = [await ready(app)]
+                while seen[-1][1] != "stalled":
+                    await asyncio.sleep(0.05)  # the watchdog samples on its own clock: nothing to await
+                    seen.append(await ready(app))
+                stalled_metric = app.service.metrics.stalled._value.get()
+                release.set()
+                await asyncio.to_thread(holder.join)
+                while (await ready(app))[1] != "ready":
+                    await asyncio.sleep(0.05)
+                await generation.aclose()
+                return seen, stalled_metric, app.service.metrics.stalls._value.get()
+
+        seen, stalled_metric, stalls = asyncio.run(scenario())
+    assert seen[0] == (200, "ready") and seen[-1] == (503, "stalled")
+    assert stalled_metric == 1 and stalls == 1
+
+
+async def _long_request(engine):
+    from inference.engine.base import ChatMessage, GenerationRequest, SamplingParams
+
+    return GenerationRequest(SamplingParams(max_tokens=400, logit_bias=((2, -100.0),)),
+                             messages=(ChatMessage("user", "Tell me a long story."),))
+
+
+def in_flight(proc):
+    """Requests the server is handling, not counting this scrape."""
+    text = httpx.get(f"{proc.url}/metrics").text
+    return int(float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("inference_requests_in_flight ")))) - 1
+
+
+def stream_chat(url, model, max_tokens, out):
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": max_tokens,
+            "logit_bias": {"2": -100}, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        out.append([line for line in response.iter_lines() if line.startswith("data: ")])
+
+
+def test_sigterm_drains_then_finishes_every_accepted_stream(model_file):
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0]), "DRAIN_DELAY_SECONDS": "1",
+                          "SHUTDOWN_TIMEOUT_SECONDS": "60"})
+    try:
+        proc.wait_ready()
+        model = httpx.get(f"{proc.url}/v1/models").json()["data"][0]["id"]
+        streams: list = []
+        workers = [threading.Thread(target=stream_chat, args=(proc.url, model, 60, streams)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        while in_flight(proc) < 4:
+            time.sleep(0.02)  # another process: nothing to await
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        # At once not ready, while the listener stays open and still serves.
+        while (ready := httpx.get(f"{proc.url}/ready")).status_code == 200:
+            time.sleep(0.01)
+        assert ready.json()["status"] == "draining"
+        late = httpx.post(f"{proc.url}/api/v1/infer", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert late.status_code == 200
+        code = proc.proc.wait(timeout=90)
+        elapsed = time.monotonic() - started
+        for worker in workers:
+            worker.join()
+    finally:
+        proc.stop()
+    assert len(streams) == 4 and all(lines[-1] == "data: [DONE]" for lines in streams)  # none lost
+    assert code in (0, -signal.SIGTERM) and elapsed < 60
+    assert "Traceback" not in proc.output()
+
+
+def test_what_cannot_finish_by_the_shutdown_timeout_ends_with_an_error_event(model_file):
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0]), "DRAIN_DELAY_SECONDS": "0",
+                          "SHUTDOWN_TIMEOUT_SECONDS": "2", "N_CTX": "2048", "MAX_TOKENS_LIMIT": "2000"})
+    try:
+        proc.wait_ready()
+        model = httpx.get(f"{proc.url}/v1/models").json()["data"][0]["id"]
+        streams: list = []
+        worker = threading.Thread(target=stream_chat, args=(proc.url, model, 2000, streams))
+        worker.start()
+        while in_flight(proc) < 1:
+            time.sleep(0.02)
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(timeout=30)
+        worker.join()
+    finally:
+        proc.stop()
+    (lines,) = streams
+    assert json.loads(lines[-1][6:])["error"]["message"] == "the service is shutting down"
+    assert code in (0, -signal.SIGTERM)

@@ -64,9 +64,10 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         if store == "down":
             await service.store.ping()  # at most one probe a second (the store's own back-off)
             store = service.store.state
-        if service.ready:
+        status, reason = service.readiness
+        if status == "ready":
             return json_response({"status": "ready", "store": store})
-        body = asdict(ReadyResponse(status=service.state, reason=service.reason, store=store))
+        body = asdict(ReadyResponse(status=status, reason=reason, store=store))
         return json_response(body, status=503, headers={"Retry-After": "5"})
 
     async def model(request: Request) -> Response:

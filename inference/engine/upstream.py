@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
@@ -63,6 +64,7 @@ class UpstreamGeneration:
         self._deadline = deadline
         self._started = time.monotonic()
         self._cancelled = False
+        self._aborted = False
         self._pieces = self._read_stream() if stream else self._read_whole()
 
     def __aiter__(self) -> "UpstreamGeneration":
@@ -74,9 +76,13 @@ class UpstreamGeneration:
             return await self._pieces.__anext__()
         except StopAsyncIteration:
             self._response.release()
+            if self._aborted:
+                raise EngineNotReady("the service is shutting down") from None
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
             self._response.close()
+            if self._aborted:
+                raise EngineNotReady("the service is shutting down") from None
             if self._cancelled:
                 self.finish_reason = None
                 raise StopAsyncIteration from None
@@ -89,6 +95,12 @@ class UpstreamGeneration:
     def cancel(self) -> None:
         self._cancelled = True
         self._response.close()  # wakes a pending read, which then ends the iteration
+
+    def abort(self) -> None:
+        """End with an error (shutdown): the caller's stream gets an error event, not a silent end."""
+        if self.finish_reason is None:
+            self._aborted = True
+            self.cancel()
 
     async def aclose(self) -> None:
         if not self._response.closed and self.finish_reason is None:
@@ -199,6 +211,7 @@ class UpstreamEngine:
         self._session: Any = None
         self._info: ModelInfo | None = None
         self._closed = threading.Event()
+        self._live: weakref.WeakSet[UpstreamGeneration] = weakref.WeakSet()
 
     @property
     def info(self) -> ModelInfo:
@@ -304,7 +317,15 @@ class UpstreamEngine:
             raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc}") from None
         if response.status >= 400:
             raise await _refusal(response)
-        return UpstreamGeneration(response, request.stream, self.timeout, request.deadline)
+        generation = UpstreamGeneration(response, request.stream, self.timeout, request.deadline)
+        self._live.add(generation)
+        return generation
+
+    def abort(self) -> None:
+        """End every request in flight with an error (shutdown timeout) and refuse new ones."""
+        self._closed.set()
+        for generation in list(self._live):
+            generation.abort()
 
     async def generate_many(self, request: GenerationRequest, n: int) -> list[UpstreamGeneration]:
         """`n` requests to the upstream side by side (choice i of a seeded request with seed + i), so each choice

@@ -175,6 +175,21 @@ class LlamaEngine:
         return self._scheduler.queue_depth if self._scheduler is not None else 0
 
     @property
+    def progress(self) -> int:
+        """Steps the engine has taken (llama_decode calls): the watchdog's measure of it moving."""
+        return self._scheduler.steps if self._scheduler is not None else 0
+
+    @property
+    def busy(self) -> bool:
+        return self._scheduler is not None and self._scheduler.busy
+
+    def abort(self) -> None:
+        """End every request in flight with an error (shutdown timeout) and refuse new ones."""
+        self._closed = True
+        if self._scheduler is not None:
+            self._scheduler.stop()
+
+    @property
     def tokens_generated(self) -> int:
         return self._scheduler.tokens_generated if self._scheduler is not None else 0
 

@@ -1,7 +1,7 @@
 """The step loop: one thread owns the llama.cpp context and, each step, advances every sequence it holds.
 
-A step: admit waiting sequences while a slot is free (reusing the prompt prefix an idle slot still holds where
-one matches), evaluate pending prompt pieces, then decode one token for every generating sequence in a single
+A step: drop waiting sequences that expired or were abandoned, admit waiting ones while a slot is free (clients
+in turn, admission.py; reusing the prompt prefix an idle slot still holds where one matches), evaluate pending prompt pieces, then decode one token for every generating sequence in a single
 batch, sample each with its own native sampler chain, hand the text to the event loop and retire what finished.
 Every slot is a llama.cpp sequence with a KV stream of its own (`n_ctx` cells: one request's whole context), so
 an admitted request always fits and the slots share the memory evenly.
@@ -112,8 +112,10 @@ class Scheduler:
         self.free = list(range(slots - 1, -1, -1))
         self.outbox: list = []  # what sequences emitted this step, handed to the event loop at its end
         self.closed = False
+        self.aborting = False
         self._next_expiry = 0.0
-        # Written by this thread only; read by tests and metrics.
+        # Written by this thread only; read by tests, metrics and the watchdog.
+        self.steps = 0  # llama_decode calls: the engine's progress
         self.tokens_generated = 0
         self.prompt_tokens_reused = 0
 
@@ -140,14 +142,18 @@ class Scheduler:
         return self.drain.retry_after(len(self.waiting), time.monotonic())
 
     def stop(self) -> None:
-        """Refuse new work, fail what waits, cancel what runs; the loop then retires it all and returns."""
+        """Refuse new work and end everything: what waits and what runs fails with an error its client sees (an
+        error event on a stream, never a silent cut); the loop then retires it all and returns."""
         with self.lock:
             self.closed = True
             waiting = self.waiting.clear()
-            for sequence in self.running:
-                sequence.cancelled.set()
+            self.aborting = True
             self.lock.notify()
         deliver([(sequence, EngineNotReady("the service is shutting down")) for sequence in waiting])
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
 
     # --- the loop (its own thread) ---------------------------------------------------------------
 
@@ -187,6 +193,10 @@ class Scheduler:
 
     def _step(self) -> None:
         now = time.monotonic()
+        if self.aborting:
+            for sequence in list(self.running):
+                self._retire(sequence, None, error=EngineNotReady("the service is shutting down"))
+            return
         for sequence in [s for s in self.running if s.cancelled.is_set()]:
             self._retire(sequence, None)
         for sequence in [s for s in self.running if s.deadline is not None and now > s.deadline]:
@@ -283,6 +293,7 @@ class Scheduler:
             batch.seq_id[i][0] = slot
             batch.logits[i] = logits
         status = C.llama_decode(self.ctx, batch)
+        self.steps += 1
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
