@@ -224,6 +224,7 @@ class Settings:
     drain_delay_seconds: float = 5.0
     shutdown_timeout_seconds: float = 30.0
     cache_ttl_seconds: int = 60
+    idempotency_ttl_seconds: int = 3600
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
 
@@ -321,6 +322,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "drain_delay_seconds": _float(0, 3600),
     "shutdown_timeout_seconds": _float(1, 3600),
     "cache_ttl_seconds": _int(1),
+    "idempotency_ttl_seconds": _int(1),
     "system_prompt": _text,
     "chat_system_prompt": _bool,
 }

@@ -15,6 +15,7 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key",
     404: "Not found",
     405: "Method not allowed",
+    409: "The first request with this Idempotency-Key is still running; see Retry-After",
     413: "Request body too large",
     415: "Unsupported media type",
     422: "A field is missing or invalid; `error.details` lists every one",

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -28,8 +28,9 @@ from .engine.base import (
     UpstreamError,
 )
 from .errors import HTTPError
-from .http import Receive, Scope
+from .http import Receive, Request, Response, Scope
 from .middleware.cache import ResponseCache
+from .middleware.idempotency import Idempotency
 from .middleware.limit import refusal, store_unavailable
 from .middleware.metrics import USAGE_KEY
 from .store.base import Policy, Store, StoreUnavailable
@@ -62,6 +63,7 @@ class Service:
         self.tracing = tracing or Tracing(trace.NoOpTracer(), None)
         self.tracer = self.tracing.tracer
         self.cache = ResponseCache(store, settings, metrics=self.metrics, tracer=self.tracer)
+        self.idempotency = Idempotency(store, settings)
         self.owns_engine = owns_engine
         self.on_fatal = on_fatal
         self.token_policy = (
@@ -173,6 +175,13 @@ class Service:
         return self.state in ("ready", "draining")
 
     # --- requests ------------------------------------------------------------------------------
+
+    async def respond(self, request: Request, material: dict[str, Any], deterministic: bool,
+                      produce: Callable[[], Awaitable[Response]]) -> Response:
+        """An inference request's answer: a retry's first answer (Idempotency-Key), else the cache's, else
+        `produce()`'s. `material` is the normalized request (the cache key's and the retry check's)."""
+        return await self.idempotency.serve(
+            request, material, lambda: self.cache.serve(request, material, deterministic, produce))
 
     @property
     def model_id(self) -> str:

@@ -72,7 +72,7 @@ def routes(service: Service) -> list[Route]:
         material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
                     "system_prompt": settings.system_prompt, "body": plain(body)}
         deterministic = body.temperature == 0 or body.seed is not None
-        return await service.cache.serve(request, material, deterministic, lambda: answer(request, body, structured))
+        return await service.respond(request, material, deterministic, lambda: answer(request, body, structured))
 
     async def answer(request: Request, body: InferRequest, structured: StructuredOutput | None) -> Response:
         embedded = settings.model_backend == "llama"
@@ -110,6 +110,6 @@ def routes(service: Service) -> list[Route]:
             "POST", "/api/v1/infer", labelled_errors(infer),
             summary="Answer one prompt with the model (stream: server-sent events token/done/error)",
             request_schema=InferRequest, response_schema=InferResponse,
-            errors=(400, 401, 413, 422, 429, 502, 503, 504), overrides=overrides, limited=True, streams=True,
+            errors=(400, 401, 409, 413, 422, 429, 502, 503, 504), overrides=overrides, limited=True, streams=True,
         ),
     ]

@@ -107,7 +107,7 @@ def routes(service: Service) -> list[Route]:
         if system is not None:  # the default system message the service added
             material["system_prompt"] = system
         deterministic = body.temperature == 0 or body.seed is not None
-        return service.cache.serve(request, material, deterministic, produce)
+        return service.respond(request, material, deterministic, produce)
 
     async def answer(request: Request, body: SamplingFields, generation_request: GenerationRequest,
                      structured: StructuredOutput | None, plan: ToolPlan | None = None) -> Response:
@@ -195,7 +195,7 @@ def routes(service: Service) -> list[Route]:
         generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured))
 
-    errors = (400, 401, 404, 413, 429, 502, 503, 504)
+    errors = (400, 401, 404, 409, 413, 429, 502, 503, 504)
     return [
         Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",

@@ -93,30 +93,13 @@ class ResponseCache:
         except BaseException:
             self._settle(key, future, None)
             raise
-        if isinstance(response, StreamingResponse):
-            response.chunks = self._recording(key, future, response.chunks, response.outcome)
-            return response
-        value = JSON_ENTRY + response.body if response.status == 200 else None
-        self._settle(key, future, value)
-        if value is not None:
-            await self._store(key, value)
-        return response
 
-    async def _recording(
-        self, key: str, future: asyncio.Future[bytes | None], inner: AsyncIterator[bytes], outcome: StreamOutcome
-    ) -> AsyncIterator[bytes]:
-        chunks: list[bytes] = []
-        value: bytes | None = None
-        try:
-            async for chunk in inner:
-                chunks.append(chunk)
-                yield chunk
-            if outcome.complete:
-                value = STREAM_ENTRY + b"".join(chunks)
-        finally:
+        async def done(value: bytes | None) -> None:
             self._settle(key, future, value)
-        if value is not None:
-            await self._store(key, value)
+            if value is not None:
+                await self._store(key, value)
+
+        return await recorded(response, done)
 
     def _settle(self, key: str, future: asyncio.Future[bytes | None], value: bytes | None) -> None:
         if self._inflight.get(key) is future:
@@ -162,6 +145,30 @@ def labelled_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callab
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+async def recorded(response: Response, done: Callable[[bytes | None], Awaitable[None]]) -> Response:
+    """`response`, with `done` called once with its entry (b"J" + the JSON body, or b"S" + the whole event stream)
+    when it is a complete 200 answer, or with None when it is not (an error, a stream cut short)."""
+    if isinstance(response, StreamingResponse):
+        response.chunks = _recording(response.chunks, response.outcome, done)
+        return response
+    await done(JSON_ENTRY + response.body if response.status == 200 else None)
+    return response
+
+
+async def _recording(inner: AsyncIterator[bytes], outcome: StreamOutcome,
+                     done: Callable[[bytes | None], Awaitable[None]]) -> AsyncIterator[bytes]:
+    chunks: list[bytes] = []
+    value: bytes | None = None
+    try:
+        async for chunk in inner:
+            chunks.append(chunk)
+            yield chunk
+        if outcome.complete:
+            value = STREAM_ENTRY + b"".join(chunks)
+    finally:
+        await done(value)
 
 
 def replay(value: bytes, label: str) -> Response:

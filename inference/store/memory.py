@@ -40,6 +40,16 @@ class MemoryStore:
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._cache)))
 
+    async def claim(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        existing = await self.cache_get(key)
+        if existing is None:
+            await self.cache_set(key, value, ttl)
+        return existing
+
+    async def delete(self, key: str) -> None:
+        if key in self._cache:
+            self._drop(key)
+
     def _drop(self, key: str) -> None:
         _, value = self._cache.pop(key)
         self._bytes -= len(value)

@@ -85,6 +85,13 @@ class RedisStore:
     async def cache_set(self, key: str, value: bytes, ttl: int) -> None:
         await self._call(lambda: self._client.set(key, value, px=ttl * 1000))
 
+    async def claim(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        # One round trip: SET NX with GET returns the value already there (Redis >= 7.0, Valkey).
+        return await self._call(lambda: self._client.set(key, value, px=ttl * 1000, nx=True, get=True))
+
+    async def delete(self, key: str) -> None:
+        await self._call(lambda: self._client.delete(key))
+
     async def acquire(self, key: str, policy: Policy, cost: int = 1) -> Decision:
         allowed, remaining, retry_us, reset_us = await self._call(
             lambda: self._gcra(keys=[key], args=[policy.interval_us, policy.burst, cost])
