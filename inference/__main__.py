@@ -12,6 +12,8 @@ from .config import ConfigError, Settings
 from .logs import configure as configure_logging
 from .models import ModelUnavailable, pull
 
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers uvicorn buffers
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
@@ -109,6 +111,9 @@ def serve(settings: Settings) -> int:
         # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
         proxy_headers=False,
         access_log=False,  # the service writes its own request log (middleware/metrics.py)
+        # h11 holds at most this much of a request head in memory (the service refuses more than 16 KB of headers
+        # with a JSON 431 itself; past this, h11 refuses first).
+        h11_max_incomplete_event_size=HEAD_LIMIT,
     )
     server = DrainingServer(config)
     server.run()

@@ -214,6 +214,7 @@ class Settings:
     n_ctx: int = 2048
     n_threads: int = 0
     max_body_bytes: int = 1024 * 1024
+    body_timeout_seconds: float = 30.0
     max_tokens_limit: int = 1024
     max_queued_requests: int = 64
     max_concurrent_requests: int = 8
@@ -312,6 +313,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "n_ctx": _int(64, 1 << 20),
     "n_threads": _int(0, 1024),
     "max_body_bytes": _int(1024),
+    "body_timeout_seconds": _float(0.1, 3600),
     "max_tokens_limit": _int(1),
     "max_queued_requests": _int(1),
     "max_concurrent_requests": _int(1, 256),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
 
 from .errors import HTTPError
@@ -22,6 +23,8 @@ HEADER_RETRY_AFTER = "retry-after"
 JSON_TYPE = "application/json"
 SSE_TYPE = "text/event-stream"
 MAX_JSON_DEPTH = 32
+# A \uD800-\uDFFF escape: only then can a parsed string hold a surrogate (raw UTF-8 cannot encode one).
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class Request:
@@ -57,15 +60,24 @@ class Request:
             self._headers = headers
         return self._headers
 
-    async def body(self, max_bytes: int) -> bytes:
-        """The whole body, or HTTPError(413) as soon as it is known to exceed `max_bytes`."""
+    async def body(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """The whole body, or HTTPError(413) as soon as it is known to exceed `max_bytes`; HTTPError(408) if it has
+        not all arrived within `timeout` seconds (a client trickling its body cannot hold a handler)."""
         declared = self.headers.get(HEADER_CONTENT_LENGTH)
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise _too_large(max_bytes)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await self.receive()
+            if deadline is None:
+                message = await self.receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(self.receive(), deadline - asyncio.get_running_loop().time())
+                except asyncio.TimeoutError:
+                    raise HTTPError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
+                                    headers={"Connection": "close"}) from None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
@@ -76,9 +88,9 @@ class Request:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def json(self, max_bytes: int) -> Any:
+    async def json(self, max_bytes: int, timeout: float | None = None) -> Any:
         """The body parsed as JSON; HTTPError(400) when it is not JSON or is nested absurdly deep."""
-        return parse_json(await self.body(max_bytes))
+        return parse_json(await self.body(max_bytes, timeout))
 
 
 class ClientDisconnected(Exception):
@@ -94,17 +106,52 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 wants it interoperable: UTF-8, no duplicate keys, no lone surrogates, finite numbers;
+    anything else is HTTPError(400) `invalid_json`."""
     if not raw.strip():
         raise HTTPError(400, "invalid_json", "request body is empty; expected a JSON object")
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_unique)
     except RecursionError:
         raise HTTPError(400, "invalid_json", "JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     if _depth(value) > MAX_JSON_DEPTH:
         raise HTTPError(400, "invalid_json", f"JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    if SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        raise HTTPError(400, "invalid_json", "request body is not valid JSON: a string holds an unpaired UTF-16 "
+                        "surrogate escape (\\ud800-\\udfff), which is no character")
     return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {duplicate!r} appears twice in one object")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _depth(value: Any, level: int = 1) -> int:

@@ -37,6 +37,8 @@ class StreamOptions:
 
 
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries
+MAX_STOP_CHARS = 500  # each stop sequence is matched against the text held back after every token
+MAX_MESSAGES = 2048
 SAMPLING_SCHEMA: dict[str, Any] = {"properties": {
     "logit_bias": {
         "type": "object", "nullable": True, "maxProperties": MAX_LOGIT_BIAS,
@@ -67,7 +69,8 @@ class SamplingFields:
     max_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Most tokens to generate."))
     temperature: float | None = field(default=None, metadata=spec(ge=0, le=2, description="Default 1."))
     top_p: float | None = field(default=None, metadata=spec(gt=0, le=1, description="Default 1."))
-    stop: str | list[str] | None = field(default=None, metadata=spec(min_length=1, max_items=4))
+    stop: str | list[str] | None = field(default=None, metadata=spec(
+        min_length=1, max_length=MAX_STOP_CHARS, max_items=4, description="Up to 4 sequences of at most 500 characters."))
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -104,7 +107,10 @@ class ChatCompletionRequest(SamplingFields):
         {"properties": {"top_logprobs": {"enum": [None]}}},
         {"required": ["logprobs"], "properties": {"logprobs": {"enum": [True]}}},
     ]}
-    messages: list[ChatCompletionMessage] = field(metadata=spec(min_items=1))
+    # The most messages is checked by the handler, not stated as maxItems: that many never fit a context anyway, and
+    # a schema bound would make the fuzzer send exactly that many, a request no model could take.
+    messages: list[ChatCompletionMessage] = field(metadata=spec(
+        min_items=1, description=f"At most {MAX_MESSAGES}, within the model's context."))
     max_completion_tokens: int | None = field(default=None, metadata=spec(ge=1, description="Wins over max_tokens."))
     logprobs: bool | None = field(default=None, metadata=spec(
         description="Return each generated token's log probability (choices[].logprobs.content)."))

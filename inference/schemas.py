@@ -21,7 +21,8 @@ class InferRequest:
     top_p: float = field(default=1.0, metadata=spec(gt=0, le=1, description="Nucleus sampling probability mass."))
     stop: str | list[str] | None = field(
         default=None,
-        metadata=spec(min_length=1, max_items=4, description="Up to 4 sequences that end generation; not returned."),
+        metadata=spec(min_length=1, max_length=500, max_items=4,
+                      description="Up to 4 sequences (of at most 500 characters) that end generation; not returned."),
     )
     seed: int | None = field(default=None, metadata=spec(description="Makes sampling repeatable."))
     json_schema: dict[str, Any] | None = field(default=None, metadata=spec(

@@ -250,10 +250,11 @@ def _check(value: Any, rule: Spec, path: str, errors: _Errors) -> None:
             errors.add(path, f"needs at least {rule.min_items} item(s)")
         if rule.max_items is not None and len(value) > rule.max_items:
             errors.add(path, f"must have at most {rule.max_items} items")
-        if rule.min_length is not None:
-            for i, item in enumerate(value):
-                if isinstance(item, str) and len(item) < rule.min_length:
-                    errors.add(f"{path}[{i}]", "must not be empty")
+        for i, item in enumerate(value):  # a length rule on a list applies to its strings
+            if isinstance(item, str) and rule.min_length is not None and len(item) < rule.min_length:
+                errors.add(f"{path}[{i}]", "must not be empty")
+            if isinstance(item, str) and rule.max_length is not None and len(item) > rule.max_length:
+                errors.add(f"{path}[{i}]", f"must be at most {rule.max_length} characters")
 
 
 def _num(x: float) -> str:
@@ -352,8 +353,13 @@ def _rule_schema(rule: Spec, schema: dict[str, Any]) -> dict[str, Any]:
                 target["maxItems"] = rule.max_items
             if rule.min_length is not None and member["items"].get("type") == "string":
                 member["items"]["minLength"] = rule.min_length
-        elif member is not schema and member.get("type") == "string" and rule.min_length is not None:
-            member["minLength"] = rule.min_length
+            if rule.max_length is not None and member["items"].get("type") == "string":
+                member["items"]["maxLength"] = rule.max_length
+        elif member is not schema and member.get("type") == "string":
+            if rule.min_length is not None:
+                member["minLength"] = rule.min_length
+            if rule.max_length is not None:
+                member["maxLength"] = rule.max_length
     if schema.get("type") == "string":
         if rule.min_length is not None:
             out["minLength"] = rule.min_length

@@ -183,3 +183,72 @@ def test_what_cannot_finish_by_the_shutdown_timeout_ends_with_an_error_event(mod
     (lines,) = streams
     assert json.loads(lines[-1][6:])["error"]["message"] == "the service is shutting down"
     assert code in (0, -signal.SIGTERM)
+
+
+# --- hostile input -------------------------------------------------------------------------------------------------
+
+
+def test_oversized_heads_and_malformed_json_are_clear_4xx(engine):
+    async def scenario():
+        async with Running(build_app(base_settings(), engine=engine)) as app:
+            prompt = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+            many = await call_asgi(app, "POST", "/api/v1/infer", prompt, JSON + [(f"x-h{i}", "a") for i in range(150)])
+            large = await call_asgi(app, "POST", "/api/v1/infer", prompt, JSON + [("x-big", "a" * 20000)])
+            bodies = {
+                "duplicate": b'{"prompt": "Hi", "prompt": "Bye", "max_tokens": 2}',
+                "surrogate": b'{"prompt": "Hi \\ud800", "max_tokens": 2}',
+                "infinite": b'{"prompt": "Hi", "max_tokens": 2, "temperature": 1e999}',
+                "huge integer": b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}",
+                "not utf-8": b'{"prompt": "Hi \xff", "max_tokens": 2}',
+            }
+            refused = {name: await call_asgi(app, "POST", "/api/v1/infer", body, JSON) for name, body in bodies.items()}
+            pair = await call_asgi(app, "POST", "/api/v1/infer",
+                                   b'{"prompt": "Say \\ud83d\\ude00", "max_tokens": 2}', JSON)
+            tokenize = await call_asgi(app, "POST", "/tokenize", b'{"content": "\\udc00"}', JSON)
+            long_stop = await call_asgi(app, "POST", "/v1/chat/completions", json.dumps({
+                "model": engine.info.name, "messages": [{"role": "user", "content": "Hi"}], "stop": ["x" * 501]}).encode(),
+                JSON)
+            return many, large, refused, pair, tokenize, long_stop
+
+    many, large, refused, pair, tokenize, long_stop = asyncio.run(scenario())
+    assert (many.status, many.json()["error"]["code"]) == (431, "headers_too_large")
+    assert (large.status, large.json()["error"]["code"]) == (431, "headers_too_large")
+    for name, response in refused.items():
+        assert (response.status, response.json()["error"]["code"]) == (400, "invalid_json"), name
+    assert pair.status == 200  # an escaped surrogate pair is a character like any other
+    assert tokenize.status == 400
+    assert long_stop.status == 400 and long_stop.json()["error"]["param"] == "stop[0]"
+
+
+def test_a_body_that_trickles_in_too_slowly_is_a_408(engine):
+    async def scenario():
+        app = build_app(base_settings(body_timeout_seconds=0.2), engine=engine)
+        async with Running(app):
+            sent = []
+
+            async def receive():
+                if not sent:
+                    sent.append(1)
+                    return {"type": "http.request", "body": b'{"prompt": "Hi",', "more_body": True}
+                await asyncio.Event().wait()  # the rest never comes
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "path": "/api/v1/infer", "raw_path": b"/api/v1/infer", "query_string": b"", "scheme": "http",
+                     "root_path": "", "headers": [(b"content-type", b"application/json")],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+            await app(scope, receive, send)
+            return sent
+
+    sent = asyncio.run(scenario())
+    start = next(m for m in sent[1:] if m["type"] == "http.response.start")
+    assert start["status"] == 408
+    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:] if m["type"] == "http.response.body"))[
+        "error"]["code"] == "request_timeout"
+
+
+def test_a_long_query_string_is_a_414(client):
+    response = client.get("/health", params={"q": "x" * 5000})
+    assert response.status_code == 414 and response.json()["error"]["code"] == "uri_too_long"

@@ -64,7 +64,7 @@ def routes(service: Service) -> list[Route]:
             await generation.aclose()
 
     async def infer(request: Request) -> Response:
-        body = from_json(InferRequest, await request.json(settings.max_body_bytes), overrides=overrides)
+        body = from_json(InferRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds), overrides=overrides)
         structured = structured_of(body)  # a schema it cannot enforce is refused before anything else
         if settings.log_prompts:
             request.scope[PROMPT_KEY] = body.prompt

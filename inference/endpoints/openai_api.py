@@ -35,6 +35,7 @@ from ..openai_schemas import (
     Completion,
     CompletionRequest,
     MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
     Model,
     ModelList,
     SamplingFields,
@@ -157,9 +158,12 @@ def routes(service: Service) -> list[Route]:
                               "choices": choices, "usage": _usage(generations)})
 
     async def chat_completions(request: Request) -> Response:
-        raw = await request.json(settings.max_body_bytes)
+        raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
         _refuse_unsupported(raw, CHAT_REFUSED)
+        if len(body.messages) > MAX_MESSAGES:
+            raise HTTPError(422, "validation_error", f"messages: must have at most {MAX_MESSAGES} items",
+                            field="messages")
         _record_user(request, body)
         check_model(body.model)
         messages, system = chat_messages(body.messages, settings)
@@ -184,7 +188,7 @@ def routes(service: Service) -> list[Route]:
                             system=system)
 
     async def completions(request: Request) -> Response:
-        raw = await request.json(settings.max_body_bytes)
+        raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
         _refuse_unsupported(raw, COMPLETION_REFUSED)
         _record_user(request, body)

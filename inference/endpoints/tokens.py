@@ -29,7 +29,7 @@ def routes(service: Service) -> list[Route]:
 
     async def tokenize(request: Request) -> Response:
         # Open like /v1 (its messages are the same objects, and vLLM's clients send more fields).
-        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes), allow_unknown=True)
+        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds), allow_unknown=True)
         engine = engine_with_tokenizer()
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
@@ -49,7 +49,7 @@ def routes(service: Service) -> list[Route]:
         return json_response({"tokens": listed, "count": len(tokens), "max_model_len": engine.info.context_length})
 
     async def detokenize(request: Request) -> Response:
-        body = from_json(DetokenizeRequest, await request.json(settings.max_body_bytes))
+        body = from_json(DetokenizeRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds))
         engine = engine_with_tokenizer()
         try:
             text = await asyncio.to_thread(engine.detokenize, body.tokens)

@@ -14,6 +14,10 @@ log = logging.getLogger("inference.errors")
 
 REQUEST_ID_BYTES = HEADER_REQUEST_ID.encode()
 OPENAI_PREFIX = "/v1/"
+# Limits on what arrives before the body (uvicorn itself bounds none of them): more is refused before any handler.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 1024  # names and values together
+MAX_QUERY_BYTES = 4096
 # An incoming id is echoed only if it cannot smuggle anything into logs or headers.
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -30,6 +34,18 @@ def response_status(error: HTTPError, scope: Scope) -> int:
     return error.openai_status if scope["path"].startswith(OPENAI_PREFIX) else error.status
 
 
+def _oversized(scope: Scope) -> HTTPError | None:
+    headers = scope["headers"]
+    if len(headers) > MAX_HEADERS:
+        return HTTPError(431, "headers_too_large", f"{len(headers)} header fields; at most {MAX_HEADERS} are accepted")
+    size = sum(len(name) + len(value) for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        return HTTPError(431, "headers_too_large", f"{size} bytes of header fields; at most {MAX_HEADER_BYTES}")
+    if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        return HTTPError(414, "uri_too_long", f"the query string is over {MAX_QUERY_BYTES} bytes")
+    return None
+
+
 def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> ASGIApp:
     """Render HTTPError as its JSON body, any other exception as a logged 500; add X-Request-ID everywhere."""
 
@@ -42,6 +58,7 @@ def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> AS
         openai = scope["path"].startswith(OPENAI_PREFIX)
         header = (REQUEST_ID_BYTES, request_id.encode())
         started = False
+        oversized = _oversized(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
@@ -51,6 +68,8 @@ def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> AS
             await send(message)
 
         try:
+            if oversized is not None:
+                raise oversized
             await app(scope, receive, send_with_id)
         except ClientDisconnected:
             return
