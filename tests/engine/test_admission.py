@@ -168,3 +168,20 @@ def test_an_overloaded_refusal_says_when_to_come_back(model_file):
 async def _answer(engine, generation_request):
     generation = await engine.generate(generation_request)
     return "".join([piece async for piece in generation])
+
+
+def test_a_queued_request_whose_client_left_never_runs(model_file):
+    with own_engine(model_file, max_concurrent=1) as engine:
+        async def scenario():
+            running = await engine.generate(request("Tell me about whales.", max_tokens=400))
+            await running.__anext__()
+            left = await engine.generate(request("Name a fruit.", max_tokens=4))
+            assert engine.queue_depth == 1
+            left.cancel()  # the client hung up while waiting
+            pieces = [piece async for piece in left]  # ends at the next expiry scan, without running
+            depth = engine.queue_depth
+            await running.aclose()
+            return pieces, left, depth
+
+        pieces, left, depth = asyncio.run(scenario())
+    assert pieces == [] and left.finish_reason is None and left.completion_tokens == 0 and depth == 0
