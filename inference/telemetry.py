@@ -100,8 +100,9 @@ NO_SPAN = _NoSpan()
 
 
 def span(tracer: trace.Tracer, name: str, **attributes: Any) -> Any:
-    """`tracer.start_as_current_span(name)`, or NO_SPAN when `tracer` records nothing (the hot path's case)."""
-    if isinstance(tracer, trace.NoOpTracer):
+    """`tracer.start_as_current_span(name)`, or NO_SPAN when nothing would be recorded: no tracer, or a request
+    whose own span was not sampled (its children would not be either: the SDK's samplers decide per trace)."""
+    if isinstance(tracer, trace.NoOpTracer) or not trace.get_current_span().is_recording():
         return NO_SPAN
     return tracer.start_as_current_span(name, attributes=attributes or None)
 

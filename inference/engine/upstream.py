@@ -21,6 +21,8 @@ import weakref
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from .base import (
     ChatMessage,
     EngineNotReady,
@@ -39,6 +41,7 @@ CONNECT_TIMEOUT = 5.0
 DISCOVERY_RETRY_SECONDS = 2.0
 MAX_CONNECTIONS = 256
 JSON_HEADERS = {"Content-Type": "application/json"}
+PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def _aiohttp() -> Any:
@@ -306,6 +309,12 @@ class UpstreamEngine:
         if request.deadline is not None:  # the whole exchange, body included, ends by the request's deadline
             options["timeout"] = aiohttp.ClientTimeout(total=max(request.deadline - time.monotonic(), 0.001),
                                                        connect=CONNECT_TIMEOUT, sock_read=self.timeout)
+        # W3C trace context: the upstream's spans join this request's trace; an unsampled request says so (flags
+        # 00), so the upstream does not record what we did not. Nothing is added when tracing is off.
+        carrier: dict[str, str] = {}
+        PROPAGATOR.inject(carrier)
+        if carrier:
+            options["headers"] = carrier
         try:
             response = await session.post(self._urls[kind], data=json.dumps(payload).encode(), **options)
         except asyncio.TimeoutError:

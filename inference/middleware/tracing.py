@@ -11,7 +11,7 @@ from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
 from .errors import response_status
 
 PROPAGATOR = TraceContextTextMapPropagator()
-CARRIED = {"traceparent", "tracestate"}
+CARRIED = {b"traceparent", b"tracestate"}
 
 
 def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
@@ -23,26 +23,10 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
             await app(scope, receive, send)
             return
         carrier = {}
-        user_agent = None
         for name, value in scope["headers"]:
-            key = name.decode("latin-1")
-            if key in CARRIED:
-                carrier[key] = value.decode("latin-1")
-            elif key == "user-agent":
-                user_agent = value.decode("latin-1")
+            if name in CARRIED:
+                carrier[name.decode("latin-1")] = value.decode("latin-1")
         method = scope["method"]
-        attributes = {
-            "http.request.method": method,
-            "url.path": scope["path"],
-            "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1"),
-        }
-        if scope.get("client"):
-            attributes["client.address"] = scope["client"][0]
-        if scope.get("server"):
-            attributes["server.address"], attributes["server.port"] = scope["server"][0], scope["server"][1]
-        if user_agent:
-            attributes["user_agent.original"] = user_agent
         context = PROPAGATOR.extract(carrier) if carrier else None
         status = 500
 
@@ -52,8 +36,13 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
                 status = message["status"]
             await send(message)
 
-        with tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER, attributes=attributes,
+        # The sampler decides first (it reads the parent's sampled flag, not attributes); a request that is not
+        # recorded builds nothing more. Its context still carries the trace id and the unsampled flag onward.
+        with tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER,
                                           record_exception=False, set_status_on_exception=False) as span:
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(_request_attributes(scope))
             try:
                 await app(scope, receive, send_with_status)
             except HTTPError as exc:
@@ -66,14 +55,37 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
                 span.record_exception(exc)
                 raise
             finally:
-                route = scope.get("route")
-                if route:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if "request_id" in scope:
-                    span.set_attribute("http.request.header.x-request-id", (scope["request_id"],))
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+                if recording:
+                    _finish(span, scope, method, status)
 
     return asgi
+
+
+def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
+    route = scope.get("route")
+    if route:
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if "request_id" in scope:
+        span.set_attribute("http.request.header.x-request-id", (scope["request_id"],))
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def _request_attributes(scope: Scope) -> dict[str, object]:
+    attributes: dict[str, object] = {
+        "http.request.method": scope["method"],
+        "url.path": scope["path"],
+        "url.scheme": scope.get("scheme", "http"),
+        "network.protocol.version": scope.get("http_version", "1.1"),
+    }
+    if scope.get("client"):
+        attributes["client.address"] = scope["client"][0]
+    if scope.get("server"):
+        attributes["server.address"], attributes["server.port"] = scope["server"][0], scope["server"][1]
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+            break
+    return attributes

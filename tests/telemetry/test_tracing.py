@@ -130,3 +130,64 @@ def test_grpc_protocol_exports_to_a_grpc_collector(engine):
     finally:
         server.stop(grace=None)
     assert "GET /health" in received
+
+
+def test_an_unsampled_request_records_nothing_and_a_sampled_one_does(engine, otlp):
+    settings = base_settings(otel_exporter_otlp_endpoint=otlp.url, rate_limit_enabled=True, cache_mode="all")
+    app = build_app(settings, engine=engine)
+    body = json.dumps({"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 4}).encode()
+    unsampled_trace, sampled_trace = "1" * 32, "2" * 32
+
+    async def scenario():
+        async with Running(app):
+            # The caller decided not to sample (flags 00): the parent-based sampler follows it.
+            quiet = await call_asgi(app, "POST", "/api/v1/infer", body,
+                                    [*JSON, ("traceparent", f"00-{unsampled_trace}-{CALLER_SPAN}-00")])
+            loud = await call_asgi(app, "POST", "/api/v1/infer", body,
+                                   [*JSON, ("traceparent", f"00-{sampled_trace}-{CALLER_SPAN}-01")])
+        return quiet, loud
+
+    quiet, loud = asyncio.run(scenario())
+    assert quiet.status == loud.status == 200
+    spans = otlp.wait_for(lambda spans: any(s.trace_id.hex() == sampled_trace for s in spans))
+    assert not [s for s in spans if s.trace_id.hex() == unsampled_trace]  # no server span, no child spans
+    assert {s.name for s in spans if s.trace_id.hex() == sampled_trace} >= {"POST /api/v1/infer", "rate_limit",
+                                                                            "cache lookup"}
+
+
+def test_the_upstream_backend_carries_the_trace_to_the_upstream_sampled_or_not(engine, otlp):
+    from conftest import InProcessServer
+
+    from inference.engine.upstream import UpstreamEngine
+
+    traced = base_settings(otel_exporter_otlp_endpoint=otlp.url, otel_service_name="upstream")
+    upstream = InProcessServer(build_app(traced, engine=engine))
+    upstream.wait_ready()
+    gateway_settings = base_settings(otel_exporter_otlp_endpoint=otlp.url, otel_service_name="gateway",
+                                     model_backend="openai", upstream_url=f"{upstream.url}/v1")
+    forwarder = UpstreamEngine(f"{upstream.url}/v1")
+    gateway = build_app(gateway_settings, engine=forwarder)
+    body = json.dumps({"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 4}).encode()
+    sampled, unsampled = "3" * 32, "4" * 32
+
+    async def scenario():
+        async with Running(gateway):
+            for trace_id, flags in ((unsampled, "00"), (sampled, "01")):
+                response = await call_asgi(gateway, "POST", "/api/v1/infer", body,
+                                           [*JSON, ("traceparent", f"00-{trace_id}-{CALLER_SPAN}-{flags}")])
+                assert response.status == 200
+        await forwarder.close()  # an engine passed in is its owner's to close
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        upstream.stop()
+    spans = otlp.wait_for(lambda spans: any(s.trace_id.hex() == sampled and s.name == "POST /v1/chat/completions"
+                                            for s in spans))
+    assert not [s for s in spans if s.trace_id.hex() == unsampled]  # neither side recorded the unsampled one
+    mine = [s for s in spans if s.trace_id.hex() == sampled]
+    by_id = {s.span_id: s for s in mine}
+    # One trace across both: the upstream's server span is a child of the gateway's server span.
+    upstream_server = next(s for s in mine if s.name == "POST /v1/chat/completions")
+    assert by_id[upstream_server.parent_span_id].name == "POST /api/v1/infer"
+    assert any(s.name.startswith("chat ") and s.parent_span_id == upstream_server.span_id for s in mine)
