@@ -58,7 +58,7 @@ def build_app(
 ) -> Application:
     """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
     metrics = Metrics()
-    tracing = create_tracing(settings)
+    tracing = create_tracing(settings, metrics)
     service = Service(
         settings, engine if engine is not None else create_engine(settings),
         store if store is not None else create_store(settings),
@@ -81,8 +81,7 @@ def build_app(
     if settings.rate_limit_enabled:
         app = limit(app, store=service.store, settings=settings, paths=limited, tracer=tracing.tracer)
     app = auth(app, keys=settings.all_api_keys)
-    app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for,
-                          traced=tracing.provider is not None)
+    app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
     app = tracing_middleware(app, tracer=tracing.tracer)
     app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)

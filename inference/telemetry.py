@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import SERVICE_NAME, __version__
 from .config import Settings
+from .http import Scope
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class Metrics:
                              registry=registry)
         self.stalls = Counter("inference_engine_stalls", "Times the watchdog found the engine stalled",
                               registry=registry)
+        self.spans_dropped = Counter("inference_spans_dropped",
+                                     "Spans dropped because the trace export queue was full (OTEL_BSP_MAX_QUEUE_SIZE)",
+                                     registry=registry)
         self.model_info = Gauge("inference_model_info", "The served model (value 1)",
                                 ["model", "revision", "backend"], registry=registry)
         for result in ("hit", "miss", "bypass"):
@@ -81,6 +86,11 @@ class Metrics:
             self.registry.unregister(self.redis_up)
         else:
             self.redis_up.set_function(redis_up)
+
+
+# The request's SERVER span in the ASGI scope, set by the tracing middleware: recording or not (an unsampled
+# request's span still carries its trace id onward). Middleware reads it here instead of from the context.
+SPAN_KEY = "otel.span"
 
 
 class _NoSpan:
@@ -99,24 +109,52 @@ class _NoSpan:
 NO_SPAN = _NoSpan()
 
 
-def span(tracer: trace.Tracer, name: str, **attributes: Any) -> Any:
-    """`tracer.start_as_current_span(name)`, or NO_SPAN when nothing would be recorded: no tracer, or a request
-    whose own span was not sampled (its children would not be either: the SDK's samplers decide per trace)."""
-    if isinstance(tracer, trace.NoOpTracer) or not trace.get_current_span().is_recording():
+class _Child:
+    """A child span that ends when the block does, as `start_as_current_span` would (an exception is recorded and
+    sets the status), without making it current: nothing under the request's children starts spans of its own."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> trace.Span:
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))  # type: ignore[union-attr]
+        self.span.end()
+
+
+def span(scope: Scope, tracer: trace.Tracer, name: str, **attributes: Any) -> Any:
+    """A child of the request's span for a `with` block, or NO_SPAN when the request is not recorded (its
+    children would not be either: the SDK's samplers decide per trace) or not traced at all."""
+    parent = scope.get(SPAN_KEY)
+    if parent is None or not parent.is_recording():
         return NO_SPAN
-    return tracer.start_as_current_span(name, attributes=attributes or None)
+    return _Child(tracer.start_span(name, context=trace.set_span_in_context(parent), attributes=attributes or None))
 
 
-def exemplar() -> dict[str, str] | None:
-    """The current trace, to link a histogram bucket to it (OpenMetrics exemplars)."""
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid or not context.trace_flags.sampled:
+def exemplar(span: trace.Span | None = None) -> dict[str, str] | None:
+    """The trace of `span` (default: the current span) when it is recorded and sampled, to link a histogram
+    bucket to it (OpenMetrics exemplars)."""
+    if span is None:
+        span = trace.get_current_span()
+    if not span.is_recording():
+        return None
+    context = span.get_span_context()
+    if not context.trace_flags.sampled:
         return None
     return {"trace_id": format(context.trace_id, "032x")}
 
 
-def trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
+def trace_id(span: trace.Span | None) -> str | None:
+    """The trace id of `span` for a log line: recorded or not, it is the id the caller and the upstream see."""
+    if span is None:
+        return None
+    context = span.get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
@@ -131,29 +169,28 @@ class Tracing:
             self.provider.shutdown()
 
 
-def create_tracing(settings: Settings) -> Tracing:
-    """An SDK tracer exporting over OTLP in batches, or a no-op tracer when tracing is off or has nowhere to go."""
+def create_tracing(settings: Settings, metrics: Metrics | None = None) -> Tracing:
+    """An SDK tracer exporting over OTLP in batches, or a no-op tracer when tracing is off or has nowhere to go.
+    Spans dropped because the export queue is full are counted in `metrics`."""
     if not settings.otel_enabled or not settings.otel_exporter_otlp_endpoint:
         return Tracing(trace.NoOpTracer(), None)
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from .otlp import BoundedSpanProcessor, grpc_exporter, http_exporter
 
     endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/")
     if settings.otel_exporter_otlp_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        exporter: Any = GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        exporter = grpc_exporter(endpoint, insecure=endpoint.startswith("http://"))
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
         # As the spec says for OTEL_EXPORTER_OTLP_ENDPOINT: the signal's path is appended.
-        exporter = HttpExporter(endpoint=f"{endpoint}/v1/traces")
+        exporter = http_exporter(f"{endpoint}/v1/traces")
     # Resource.create also reads OTEL_RESOURCE_ATTRIBUTES; the sampler and the batch processor read
     # OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* from the environment, as in any OpenTelemetry SDK.
     resource = Resource.create({"service.name": settings.otel_service_name, "service.version": __version__,
                                 "deployment.environment.name": settings.environment})
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    dropped = metrics.spans_dropped.inc if metrics is not None else (lambda: None)
+    provider.add_span_processor(BoundedSpanProcessor(exporter, on_drop=dropped))
     log.info("exporting traces to %s (%s)", endpoint, settings.otel_exporter_otlp_protocol)
     return Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider)

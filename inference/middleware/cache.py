@@ -67,7 +67,7 @@ class ResponseCache:
             return await self._labelled(produce, "BYPASS")
         key = self.key(material)
         if "no-cache" not in directives:
-            with span(self.tracer, "cache lookup") as lookup:
+            with span(request.scope, self.tracer, "cache lookup") as lookup:
                 try:
                     cached = await self.store.cache_get(key)
                 except StoreUnavailable:
@@ -97,7 +97,7 @@ class ResponseCache:
         async def done(value: bytes | None) -> None:
             self._settle(key, future, value)
             if value is not None:
-                await self._store(key, value)
+                await self._store(request, key, value)
 
         return await recorded(response, done)
 
@@ -107,8 +107,8 @@ class ResponseCache:
         if not future.done():
             future.set_result(value)
 
-    async def _store(self, key: str, value: bytes) -> None:
-        with span(self.tracer, "cache store", **{"inference.cache.bytes": len(value)}):
+    async def _store(self, request: Request, key: str, value: bytes) -> None:
+        with span(request.scope, self.tracer, "cache store", **{"inference.cache.bytes": len(value)}):
             try:
                 await self.store.cache_set(key, value, self.ttl)
             except StoreUnavailable:

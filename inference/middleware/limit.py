@@ -58,7 +58,7 @@ def limit(
             await app(scope, receive, send)
             return
         client = client_id(scope, settings.trusted_proxies)
-        with span(tracer, "rate_limit") as decided:
+        with span(scope, tracer, "rate_limit") as decided:
             try:
                 decision: Decision | None = await store.acquire(prefix + client, policy)
             except StoreUnavailable:

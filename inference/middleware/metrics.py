@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..config import Settings
 from ..errors import HTTPError
 from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry import Metrics, exemplar, trace_id
+from ..telemetry import SPAN_KEY, Metrics, exemplar, trace_id
 from .errors import response_status
 from .identity import CLIENT_KEY
 
@@ -34,10 +34,9 @@ def metrics(
     metrics: Metrics,
     settings: Settings,
     route_of: Callable[[str], str | None] = lambda _: None,
-    traced: bool = False,
 ) -> ASGIApp:
-    """`route_of` names the route of a request refused before the router saw it (401, 429); with `traced`,
-    durations carry the trace as an exemplar."""
+    """`route_of` names the route of a request refused before the router saw it (401, 429). The durations of
+    recorded requests carry their trace as an exemplar (the tracing middleware, outside this one, set the span)."""
     as_json = settings.log_format == "json"
     # prometheus-client's labels() takes a lock and builds a key each call; the children are few, keep them.
     counted: dict[tuple[str, str, int], Any] = {}
@@ -88,7 +87,8 @@ def metrics(
             route = scope.get("route") or route_of(scope["path"]) or UNMATCHED
             method = scope["method"]
             count(method, route, status).inc()
-            timer(method, route).observe(elapsed, exemplar() if traced else None)
+            span = scope.get(SPAN_KEY)
+            timer(method, route).observe(elapsed, None if span is None else exemplar(span))
             if status == 429:
                 metrics.rate_limited.inc()
             if log.isEnabledFor(logging.INFO):
@@ -110,7 +110,7 @@ def _log(scope: Scope, method: str, route: str, status: int, elapsed: float, cac
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
         "request_id": scope.get("request_id"),
-        "trace_id": trace_id(),
+        "trace_id": trace_id(scope.get(SPAN_KEY)),
     }
     if USER_KEY in scope:
         fields["user"] = scope[USER_KEY]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..errors import HTTPError
 from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from ..telemetry import SPAN_KEY
 from .errors import response_status
 
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -22,43 +23,54 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        carrier = {}
+        carrier = None
         for name, value in scope["headers"]:
             if name in CARRIED:
+                if carrier is None:
+                    carrier = {}
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
-        method = scope["method"]
-        context = PROPAGATOR.extract(carrier) if carrier else None
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        # The sampler decides first (it reads the parent's sampled flag, not attributes); a request that is not
-        # recorded builds nothing more. Its context still carries the trace id and the unsampled flag onward.
-        with tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER,
-                                          record_exception=False, set_status_on_exception=False) as span:
-            recording = span.is_recording()
-            if recording:
-                span.set_attributes(_request_attributes(scope))
-            try:
-                await app(scope, receive, send_with_status)
-            except HTTPError as exc:
-                status = response_status(exc, scope)
-                raise
-            except ClientDisconnected:
-                status = 499
-                raise
-            except Exception as exc:
-                span.record_exception(exc)
-                raise
-            finally:
-                if recording:
-                    _finish(span, scope, method, status)
+        parent = PROPAGATOR.extract(carrier) if carrier else None
+        # The sampler decides first, from the trace id and the caller's sampled flag: nothing else is built yet.
+        # An unsampled request's span records nothing, but it is made current all the same: its context carries
+        # the trace id and the unsampled flag to the upstream backend and into the log line.
+        span = tracer.start_span(scope["method"], context=parent, kind=SpanKind.SERVER)
+        scope[SPAN_KEY] = span
+        token = context.attach(trace.set_span_in_context(span, parent))
+        try:
+            if span.is_recording():
+                await _recorded(app, span, scope, receive, send)
+            else:
+                await app(scope, receive, send)
+        finally:
+            context.detach(token)
 
     return asgi
+
+
+async def _recorded(app: ASGIApp, span: trace.Span, scope: Scope, receive: Receive, send: Send) -> None:
+    span.set_attributes(_request_attributes(scope))
+    status = 500
+
+    async def send_with_status(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await app(scope, receive, send_with_status)
+    except HTTPError as exc:
+        status = response_status(exc, scope)
+        raise
+    except ClientDisconnected:
+        status = 499
+        raise
+    except Exception as exc:
+        span.record_exception(exc)
+        raise
+    finally:
+        _finish(span, scope, scope["method"], status)
+        span.end()
 
 
 def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:

@@ -1,0 +1,90 @@
+"""The service's OTLP span encoder produces exactly the SDK's request, for spans of every shape."""
+
+import logging
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from inference.otlp import encode_spans
+
+VALUES = {
+    "text": "POST /api/v1/infer", "empty": "", "unicode": "ünïcødé ✓", "yes": True, "no": False, "zero": 0,
+    "port": 8000, "negative": -7, "int64 max": 2**63 - 1, "int64 min": -(2**63), "ratio": 0.25, "nan-free": -1e300,
+    "strings": ("a", "b"), "ints": (1, 2, 3), "floats": (0.5, 1.5), "bools": (True, False), "empty tuple": (),
+}
+
+
+def recorded_spans():
+    """Spans from two providers (two resources) and three tracers (scopes with and without version, schema and
+    attributes): every kind, remote and local parents, trace state, statuses, events, links, dropped counts."""
+    exporter = InMemorySpanExporter()
+    limits = SpanLimits(max_span_attributes=40, max_events=2, max_links=1)
+    first = TracerProvider(resource=Resource.create({"service.name": "first", "k8s.pod.name": "pod-1"},
+                                                    schema_url="https://opentelemetry.io/schemas/1.24.0"),
+                           span_limits=limits)
+    second = TracerProvider(resource=Resource({"service.name": "second"}))
+    for provider in (first, second):
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracers = [first.get_tracer("inference", "1.2.3"),
+               first.get_tracer("other", schema_url="https://opentelemetry.io/schemas/1.21.0",
+                                attributes={"scope.attribute": "x"}),
+               second.get_tracer("inference")]
+    remote = NonRecordingSpan(SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
+                                          trace_flags=TraceFlags(1),
+                                          trace_state=TraceState([("vendor", "value"), ("other", "1")])))
+    for i, kind in enumerate(SpanKind):
+        tracer = tracers[i % len(tracers)]
+        with tracer.start_as_current_span(f"server {kind.name}", context=trace.set_span_in_context(remote),
+                                          kind=kind, attributes=VALUES) as server:
+            server.add_event("an event", {"inference.tokens": 3, "list": ("x",)})
+            server.add_event("bare")
+            server.add_event("one too many")  # dropped by the limits
+            with tracer.start_as_current_span("child", links=[Link(remote.get_span_context(), {"why": "retry"}),
+                                                                Link(remote.get_span_context())]) as child:
+                child.set_attribute("inference.cache.result", "hit")
+                child.set_status(Status(StatusCode.ERROR, "the store is down"))
+            with tracer.start_as_current_span("ok child") as ok:
+                ok.set_status(Status(StatusCode.OK))
+            for n in range(45):  # 5 over the limit: dropped_attributes_count
+                server.set_attribute(f"extra.{n}", n)
+    with tracers[0].start_as_current_span("root without attributes"):
+        pass
+    return exporter.get_finished_spans()
+
+
+def test_the_encoder_produces_the_sdks_request_byte_for_byte():
+    spans = recorded_spans()
+    assert len(spans) > 15
+    assert any(s.dropped_attributes for s in spans) and any(s.dropped_events for s in spans)
+    assert any(s.dropped_links for s in spans)
+    ours, theirs = encode_spans(spans), sdk_encode_spans(spans)
+    assert len(ours.resource_spans) == 2
+    assert ours == theirs
+    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+
+
+def test_an_empty_batch_and_single_spans_match_too():
+    spans = recorded_spans()
+    assert encode_spans([]) == sdk_encode_spans([])
+    for span in spans:
+        assert encode_spans([span]) == sdk_encode_spans([span]), span.name
+
+
+def test_a_value_the_sdk_cannot_encode_is_left_out_with_the_rest_of_the_span_sent(caplog):
+    """Ints beyond 64 bits pass the SDK's attribute checks but not protobuf's: both encoders leave them out."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("s", attributes={"big": 2**64, "small": 1, "after": "x"}):
+        pass
+    spans = exporter.get_finished_spans()
+    with caplog.at_level(logging.ERROR):
+        ours = encode_spans(spans)
+    assert "Failed to encode key big" in caplog.text
+    assert ours == sdk_encode_spans(spans)
+    assert [kv.key for kv in ours.resource_spans[0].scope_spans[0].spans[0].attributes] == ["small", "after"]
