@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from typing import Any
@@ -13,6 +14,16 @@ from .logs import configure as configure_logging
 from .models import ModelUnavailable, pull
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers uvicorn buffers
+
+
+def freeze_heap() -> None:
+    """Once the model is loaded: collect start-up's garbage, then leave everything alive so far (the model's
+    metadata, modules, the OpenAPI document: most of the heap) out of every later garbage collection. Full
+    collections then walk only what requests made; a trace span waiting for export lives long enough to reach
+    the oldest generation, so with tracing on they come often (measured: 10% sampled 0.73x -> 0.79x of tracing
+    off, every request 0.37x -> 0.40x; no change with tracing off)."""
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +89,7 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(settings, on_fatal=on_fatal)
+    app = build_app(settings, on_fatal=on_fatal, on_ready=freeze_heap)
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, with a drain first: on SIGTERM (or SIGINT) /ready turns 503 at once and requests keep being

@@ -55,6 +55,7 @@ def build_app(
     *,
     store: Store | None = None,
     on_fatal: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> Application:
     """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
     metrics = Metrics()
@@ -62,7 +63,7 @@ def build_app(
     service = Service(
         settings, engine if engine is not None else create_engine(settings),
         store if store is not None else create_store(settings),
-        metrics=metrics, tracing=tracing, owns_engine=engine is None, on_fatal=on_fatal,
+        metrics=metrics, tracing=tracing, owns_engine=engine is None, on_fatal=on_fatal, on_ready=on_ready,
     )
     metrics.watch(
         queue_depth=lambda: service.engine.queue_depth,
@@ -79,7 +80,7 @@ def build_app(
     router = Router(routes)
     app: ASGIApp = router
     if settings.rate_limit_enabled:
-        app = limit(app, store=service.store, settings=settings, paths=limited, tracer=tracing.tracer)
+        app = limit(app, store=service.store, settings=settings, paths=limited, tracing=tracing)
     app = auth(app, keys=settings.all_api_keys)
     app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
     app = tracing_middleware(app, tracer=tracing.tracer)

@@ -55,6 +55,7 @@ class Service:
         tracing: Tracing | None = None,
         owns_engine: bool = True,
         on_fatal: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -62,10 +63,11 @@ class Service:
         self.metrics = metrics or Metrics()
         self.tracing = tracing or Tracing(trace.NoOpTracer(), None)
         self.tracer = self.tracing.tracer
-        self.cache = ResponseCache(store, settings, metrics=self.metrics, tracer=self.tracer)
+        self.cache = ResponseCache(store, settings, metrics=self.metrics, tracing=self.tracing)
         self.idempotency = Idempotency(store, settings)
         self.owns_engine = owns_engine
         self.on_fatal = on_fatal
+        self.on_ready = on_ready
         self.token_policy = (
             Policy("tokens", settings.rate_limit_tokens_per_minute, 60, settings.rate_limit_tokens_per_minute)
             if settings.rate_limit_enabled and settings.rate_limit_tokens_per_minute else None
@@ -129,6 +131,8 @@ class Service:
             "ready: http://%s:%s serving %s (revision %s, %s)",
             _url_host(self.settings.host), self.settings.port, info.name, info.revision, info.backend,
         )
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def _watch(self) -> None:
         """Readiness that tells the truth: with work in flight and no step of the engine for WATCHDOG_SECONDS, the

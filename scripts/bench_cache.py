@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
 """Cache hits on one worker, with Redis and the rate limiter on, measured with wrk (Debian package `wrk`).
 
-    python scripts/bench_cache.py [--seconds 10] [--connections 32] [--tracing [--sample-ratio R] | --matrix]
+    python scripts/bench_cache.py [--seconds 10] [--connections 32] [--tracing [--sample-ratio R]]
+    python scripts/bench_cache.py --matrix [--rounds 5] [--seconds 5]
 
 Starts a redis-server (Debian package `redis-server`) and `python -m inference` (embedded default model) on free
 ports, sends one request to fill the cache, then measures the same request with wrk: p50 at one connection and
 requests/s at --connections. The limit is set high enough never to refuse, so every request still pays for its
 rate-limit decision (one Lua script call) and its cache lookup (one GET): two Redis round trips.
 With --tracing every request is also traced (server, rate_limit and cache lookup spans), exported in batches.
+
+--matrix measures what tracing costs: off, on with no request sampled, 10% sampled and every request, each with
+the in-memory store and with Redis (eight servers), in interleaved rounds; it prints median requests/s, the ratio
+to tracing off with the same store, and the spans each server dropped (export queue full).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,38 +52,91 @@ def trace_sink() -> ThreadingHTTPServer:
     return server
 
 
-def measure(*, redis_url: str | None, ratio: float | None, seconds: int, connections: int
-            ) -> tuple[float, float, float]:
-    """(requests/s at 1 connection, p50 ms there, requests/s at `connections`) of cache hits on a fresh server,
-    the limiter on; `ratio` None: tracing off, else the share of traces kept (exported to a sink)."""
-    port = free_port()
-    env = {"RATE_LIMIT_PER_MINUTE": "1000000000", "CACHE_MODE": "all"}
-    if redis_url:
-        env.update(REDIS_URL=redis_url, REDIS_KEY_PREFIX=f"bench-{port}")  # a cache of its own: the first is a miss
-    sink = None
-    if ratio is not None:
-        sink = trace_sink()
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.server_address[1]}"
-        if ratio < 1:
+class Server:
+    """`python -m inference` on a free port, cache hits primed, the limiter on; `ratio` None: tracing off, else the
+    share of traces kept, exported over OTLP/HTTP to a sink of its own in this process."""
+
+    def __init__(self, *, redis_url: str | None, ratio: float | None) -> None:
+        self.port = port = free_port()
+        env = {"RATE_LIMIT_PER_MINUTE": "1000000000", "CACHE_MODE": "all"}
+        if redis_url:  # a cache of its own: the first request is a miss
+            env.update(REDIS_URL=redis_url, REDIS_KEY_PREFIX=f"bench-{port}")
+        self.sink = None
+        if ratio is not None:
+            self.sink = trace_sink()
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink.server_address[1]}"
             env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(ratio))
-    service = serve(port, **env)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/ready")
-        url = f"http://127.0.0.1:{port}/api/v1/infer"
-        request = urllib.request.Request(url, data=json.dumps(BODY).encode(), headers={"Content-Type": "application/json"})
+        self.process = serve(port, **env)
+        self.url = f"http://127.0.0.1:{port}/api/v1/infer"
+
+    def prime(self) -> None:
+        wait_ready(f"http://127.0.0.1:{self.port}/ready")
+        request = urllib.request.Request(self.url, data=json.dumps(BODY).encode(),
+                                         headers={"Content-Type": "application/json"})
         for expected in ("MISS", "HIT"):
             with urllib.request.urlopen(request) as response:
                 assert response.headers["X-Cache"] == expected, response.headers["X-Cache"]
                 assert response.headers["RateLimit"], "the limiter must be on"
-        wrk(url, 4, 2, BODY)  # warm-up
-        rps1, p50 = wrk(url, 1, seconds, BODY)
-        rps, _ = wrk(url, connections, seconds, BODY)
+        wrk(self.url, 4, 2, BODY)  # warm-up: the first exports, the first requests of every code path
+
+    def spans_dropped(self) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics") as response:
+            text = response.read().decode()
+        found = re.search(r"^inference_spans_dropped_total (\S+)", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+        if self.sink is not None:
+            self.sink.shutdown()
+
+
+TRACING = (("off", None), ("on, none sampled", 0.0), ("on, 10% sampled", 0.1), ("on, every request", 1.0))
+
+
+def matrix(redis_url: str, rounds: int, seconds: int, connections: int) -> None:
+    """Every tracing setting with the in-memory store and with Redis, each on a server of its own, all started
+    first and then measured in turns: `rounds` rounds, each server once a round, the starting one rotating. On a
+    shared 2-core machine one run of a server varies by 10-20% (wrk shares the cores); the median of rounds
+    interleaved in time does not drift with whatever else the machine does."""
+    configs = [(store, label, ratio) for store in ("memory", "redis") for label, ratio in TRACING]
+    servers = [Server(redis_url=redis_url if store == "redis" else None, ratio=ratio) for store, _, ratio in configs]
+    try:
+        for server in servers:
+            server.prime()
+        results: list[list[float]] = [[] for _ in configs]
+        for round_ in range(rounds):
+            order = list(range(len(configs)))
+            order = order[round_ % len(order):] + order[:round_ % len(order)]
+            for i in order:
+                results[i].append(wrk(servers[i].url, connections, seconds, BODY)[0])
+            print(f"  round {round_ + 1} of {rounds} done", file=sys.stderr, flush=True)
+        print(f"cache hits, rate limiter on, one worker, wrk with {connections} connections: median of {rounds} "
+              f"rounds of {seconds} s")
+        print("  store   tracing               req/s (min-max)          vs off   spans dropped")
+        off = {}
+        for (store, label, ratio), server, rates in zip(configs, servers, results):
+            median = statistics.median(rates)
+            off.setdefault(store, median)
+            print(f"  {store:<7} {label:<20} {median:>7.0f} ({min(rates):.0f}-{max(rates):.0f})"
+                  f"{median / off[store]:>12.2f}x   {server.spans_dropped():.0f}", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def measure(*, redis_url: str | None, ratio: float | None, seconds: int, connections: int
+            ) -> tuple[float, float, float]:
+    """(requests/s at 1 connection, p50 ms there, requests/s at `connections`) of cache hits on a fresh server."""
+    server = Server(redis_url=redis_url, ratio=ratio)
+    try:
+        server.prime()
+        rps1, p50 = wrk(server.url, 1, seconds, BODY)
+        rps, _ = wrk(server.url, connections, seconds, BODY)
         return rps1, p50, rps
     finally:
-        service.terminate()
-        service.wait()
-        if sink is not None:
-            sink.shutdown()
+        server.stop()
 
 
 def main() -> None:
@@ -86,9 +146,10 @@ def main() -> None:
     parser.add_argument("--tracing", action="store_true",
                         help="trace requests, exported over OTLP/HTTP to a sink in this script")
     parser.add_argument("--sample-ratio", type=float, default=1.0, help="with --tracing: the share of traces kept")
+    parser.add_argument("--rounds", type=int, default=5, help="with --matrix: rounds, each server once a round")
     parser.add_argument("--matrix", action="store_true",
-                        help="tracing off, 10%% sampled and every request, each with the in-memory store and with "
-                             "Redis, in one run: requests/s and the ratios to tracing off")
+                        help="tracing off / none sampled / 10%% / every request, with the in-memory store and with "
+                             "Redis, in interleaved rounds: median requests/s and the ratios to tracing off")
     args = parser.parse_args()
 
     redis_port = free_port()
@@ -97,15 +158,7 @@ def main() -> None:
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     try:
         if args.matrix:
-            print(f"cache hits, rate limiter on, one worker, {args.connections} connections (wrk, {args.seconds} s):")
-            print("  store   tracing                 req/s   vs off   p50 at 1 connection")
-            for store, url in (("memory", None), ("redis", redis_url)):
-                off = None
-                for label, ratio in (("off", None), ("10% sampled", 0.1), ("every request", 1.0)):
-                    rps1, p50, rps = measure(redis_url=url, ratio=ratio, seconds=args.seconds,
-                                             connections=args.connections)
-                    off = off or rps
-                    print(f"  {store:<7} {label:<20} {rps:>8.0f}   {rps / off:>5.2f}x   {p50:.3f} ms", flush=True)
+            matrix(redis_url, args.rounds, args.seconds, args.connections)
             return
         rps1, p50, rps = measure(redis_url=redis_url, ratio=args.sample_ratio if args.tracing else None,
                                  seconds=args.seconds, connections=args.connections)

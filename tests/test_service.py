@@ -48,3 +48,25 @@ def test_client_that_disconnects_stops_generation_within_a_few_tokens(engine):
     produced = asyncio.run(scenario())
     assert sent == []  # nobody to answer
     assert produced < 15, produced
+
+
+def test_on_ready_runs_once_the_model_is_served_and_the_server_freezes_the_heap_then(engine):
+    import gc
+
+    from inference.__main__ import freeze_heap
+
+    seen = []
+    app = build_app(base_settings(), engine=engine, on_ready=lambda: seen.append(app.service.state))
+
+    async def scenario():
+        async with Running(app):
+            while not seen:
+                await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert seen == ["ready"]
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import HTTPError
 from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
 from ..store.base import Store, StoreUnavailable
-from ..telemetry import Metrics, span
+from ..telemetry import Metrics, Tracing, span
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ def _directives(request: Request) -> set[str]:
 
 class ResponseCache:
     def __init__(
-        self, store: Store, settings: Settings, *, metrics: Metrics | None = None, tracer: trace.Tracer | None = None
+        self, store: Store, settings: Settings, *, metrics: Metrics | None = None, tracing: Tracing | None = None
     ) -> None:
         self.store = store
         self.metrics = metrics
-        self.tracer = tracer or trace.NoOpTracer()
+        self.tracing = tracing or Tracing(trace.NoOpTracer())
         self.ttl = settings.cache_ttl_seconds
         self.mode = settings.cache_mode
         self.prefix = f"{settings.redis_key_prefix}:cache:{KEY_VERSION}:"
@@ -67,7 +67,7 @@ class ResponseCache:
             return await self._labelled(produce, "BYPASS")
         key = self.key(material)
         if "no-cache" not in directives:
-            with span(request.scope, self.tracer, "cache lookup") as lookup:
+            with span(request.scope, self.tracing, "cache lookup") as lookup:
                 try:
                     cached = await self.store.cache_get(key)
                 except StoreUnavailable:
@@ -108,7 +108,7 @@ class ResponseCache:
             future.set_result(value)
 
     async def _store(self, request: Request, key: str, value: bytes) -> None:
-        with span(request.scope, self.tracer, "cache store", **{"inference.cache.bytes": len(value)}):
+        with span(request.scope, self.tracing, "cache store", **{"inference.cache.bytes": len(value)}):
             try:
                 await self.store.cache_set(key, value, self.ttl)
             except StoreUnavailable:

@@ -12,11 +12,11 @@ from ..config import Settings
 from ..errors import HTTPError
 from ..http import ASGIApp, Message, Receive, Scope, Send
 from ..store.base import Decision, Policy, Store, StoreUnavailable
-from ..telemetry import span
+from ..telemetry import Tracing, span
 from .identity import client_id
 
 POLICY_NAME = "per-client"
-NO_TRACER = trace.NoOpTracer()
+NO_TRACING = Tracing(trace.NoOpTracer())
 
 
 def request_policy(settings: Settings) -> Policy:
@@ -47,7 +47,7 @@ def store_unavailable() -> HTTPError:
 
 
 def limit(
-    app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str], tracer: trace.Tracer = NO_TRACER
+    app: ASGIApp, *, store: Store, settings: Settings, paths: frozenset[str], tracing: Tracing = NO_TRACING
 ) -> ASGIApp:
     """Count each request to `paths` against its client's budget in `store`."""
     policy = request_policy(settings)
@@ -58,7 +58,7 @@ def limit(
             await app(scope, receive, send)
             return
         client = client_id(scope, settings.trusted_proxies)
-        with span(scope, tracer, "rate_limit") as decided:
+        with span(scope, tracing, "rate_limit") as decided:
             try:
                 decision: Decision | None = await store.acquire(prefix + client, policy)
             except StoreUnavailable:

@@ -48,7 +48,6 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
 
 
 async def _recorded(app: ASGIApp, span: trace.Span, scope: Scope, receive: Receive, send: Send) -> None:
-    span.set_attributes(_request_attributes(scope))
     status = 500
 
     async def send_with_status(message: Message) -> None:
@@ -69,18 +68,21 @@ async def _recorded(app: ASGIApp, span: trace.Span, scope: Scope, receive: Recei
         span.record_exception(exc)
         raise
     finally:
-        _finish(span, scope, scope["method"], status)
+        _finish(span, scope, status)
         span.end()
 
 
-def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
+def _finish(span: trace.Span, scope: Scope, status: int) -> None:
+    """The span's attributes, all at once at the end (one pass through the SDK's attribute checks and lock)."""
+    attributes = _request_attributes(scope)
     route = scope.get("route")
     if route:
-        span.update_name(f"{method} {route}")
-        span.set_attribute("http.route", route)
-    span.set_attribute("http.response.status_code", status)
+        span.update_name(f"{scope['method']} {route}")
+        attributes["http.route"] = route
+    attributes["http.response.status_code"] = status
     if "request_id" in scope:
-        span.set_attribute("http.request.header.x-request-id", (scope["request_id"],))
+        attributes["http.request.header.x-request-id"] = (scope["request_id"],)
+    span.set_attributes(attributes)
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
 

@@ -88,3 +88,54 @@ def test_a_value_the_sdk_cannot_encode_is_left_out_with_the_rest_of_the_span_sen
     assert "Failed to encode key big" in caplog.text
     assert ours == sdk_encode_spans(spans)
     assert [kv.key for kv in ours.resource_spans[0].scope_spans[0].spans[0].attributes] == ["small", "after"]
+
+
+def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
+    """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
+    `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from inference import SERVICE_NAME, __version__
+    from inference.telemetry import SPAN_KEY, Tracing, span
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer(SERVICE_NAME, __version__)
+    tracing = Tracing(tracer, provider, processor, provider.resource, InstrumentationScope(SERVICE_NAME, __version__))
+    error = ValueError("the store is down")
+    with tracer.start_as_current_span("server") as server:
+        scope = {SPAN_KEY: server}
+        for make in (lambda: tracer.start_as_current_span("child", attributes={"a": 1}),
+                     lambda: span(scope, tracing, "child", a=1)):
+            for fails in (False, True):
+                try:
+                    with make() as child:
+                        child.set_attribute("inference.cache.result", "hit")
+                        if fails:
+                            raise error
+                except ValueError:
+                    pass
+    sdk_ok, sdk_failed, ok, failed = [s for s in exporter.get_finished_spans() if s.name == "child"]
+    for theirs, ours in ((sdk_ok, ok), (sdk_failed, failed)):
+        assert ours.parent == theirs.parent == server.get_span_context()
+        assert ours.context.trace_id == theirs.context.trace_id
+        assert ours.context.trace_flags == theirs.context.trace_flags and ours.context.span_id != theirs.context.span_id
+        assert ours.start_time <= ours.end_time
+        a, b = encode_spans([theirs]).resource_spans[0], encode_spans([ours]).resource_spans[0]
+        assert a.resource == b.resource and a.scope_spans[0].scope == b.scope_spans[0].scope
+        encoded = []
+        for message in (a, b):
+            one = message.scope_spans[0].spans[0]
+            for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
+                one.ClearField(field)
+            for event in one.events:
+                event.ClearField("time_unix_nano")
+                for kv in event.attributes:
+                    if kv.key == "exception.stacktrace":  # where the traceback was taken differs: our frames
+                        assert "ValueError: the store is down" in kv.value.string_value
+                        kv.value.string_value = ""
+            encoded.append(one)
+        assert encoded[0] == encoded[1]
+    assert failed.status.status_code == StatusCode.ERROR and failed.events[0].name == "exception"
