@@ -79,11 +79,11 @@ class Server:
                 assert response.headers["RateLimit"], "the limiter must be on"
         wrk(self.url, 4, 2, BODY)  # warm-up: the first exports, the first requests of every code path
 
-    def spans_dropped(self) -> float:
+    def spans_dropped(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics") as response:
             text = response.read().decode()
         found = re.search(r"^inference_spans_dropped_total (\S+)", text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        return f"{float(found.group(1)):.0f}" if found else "-"
 
     def stop(self) -> None:
         self.process.terminate()
@@ -120,7 +120,7 @@ def matrix(redis_url: str, rounds: int, seconds: int, connections: int) -> None:
             median = statistics.median(rates)
             off.setdefault(store, median)
             print(f"  {store:<7} {label:<20} {median:>7.0f} ({min(rates):.0f}-{max(rates):.0f})"
-                  f"{median / off[store]:>12.2f}x   {server.spans_dropped():.0f}", flush=True)
+                  f"{median / off[store]:>12.2f}x   {server.spans_dropped()}", flush=True)
     finally:
         for server in servers:
             server.stop()
