@@ -139,3 +139,35 @@ def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
             encoded.append(one)
         assert encoded[0] == encoded[1]
     assert failed.status.status_code == StatusCode.ERROR and failed.events[0].name == "exception"
+
+
+def test_a_stalled_collector_fills_the_queue_then_spans_are_dropped_counted_and_warned_about_once(
+        monkeypatch, caplog):
+    """A collector that accepts connections and never answers: the exporter blocks on its first batch, the queue
+    (OTEL_BSP_MAX_QUEUE_SIZE) fills, the rest is dropped, counted in the metric, with one warning for the burst."""
+    import socket
+
+    from conftest import base_settings
+
+    from inference.telemetry import Metrics, create_tracing
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    stalled = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever reads or answers
+    metrics = Metrics()
+    tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{stalled.getsockname()[1]}"),
+                             metrics)
+    try:
+        with caplog.at_level(logging.WARNING, logger="inference.otlp"):
+            for i in range(200):
+                tracing.tracer.start_span(f"span {i}").end()
+        dropped = metrics.registry.get_sample_value("inference_spans_dropped_total")
+        # 16 wait in the queue; at most one batch of 4 had left it for the stalled exporter.
+        assert 200 - 16 - 4 <= dropped <= 200 - 16
+        warnings = [r for r in caplog.records if "queue full" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+        assert "inference_spans_dropped_total" in warnings[0].getMessage()
+    finally:
+        stalled.close()
+        tracing.shutdown()
