@@ -151,3 +151,35 @@ def test_redis_down_is_reported_fast_and_recovery_is_noticed(redis_server, key_p
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unavailable" in m for m in messages) == 1, messages  # once per outage, not per request
     assert sum("is back after" in m for m in messages) == 1
+
+
+def test_a_pool_of_connections_from_before_a_redis_restart_does_not_delay_recovery(key_prefix):
+    """Connections opened before Redis went away are dead once it is back; the first call after the back-off must
+    reach the new server, not spend its one try (and another second of back-off) on a stale pooled connection."""
+    from conftest import RedisServer
+
+    from inference.store.base import StoreUnavailable
+
+    own = RedisServer()
+
+    async def scenario():
+        store = RedisStore(own.url, timeout=0.2)
+        await asyncio.gather(*(store.cache_get(f"{key_prefix}:{i}") for i in range(8)))  # 8 pooled connections
+        own.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.cache_get("k")
+        own.start()
+        for attempt in range(3):
+            store._retry_at = 0  # skip the back-off instead of sleeping through it
+            try:
+                await store.cache_get("k")
+                break
+            except StoreUnavailable:
+                pass
+        assert (attempt, store.state) == (0, "up")
+        await store.close()
+
+    try:
+        run(scenario())
+    finally:
+        own.stop()
