@@ -164,7 +164,7 @@ def span(scope: Scope, tracing: "Tracing", name: str, **attributes: Any) -> Any:
     """A child of the request's span for a `with` block, or NO_SPAN when the request is not recorded (its
     children would not be either: the SDK's samplers decide per trace) or not traced at all."""
     parent = scope.get(SPAN_KEY)
-    if parent is None or not parent.is_recording():
+    if parent is None or tracing.processor is None or not parent.is_recording():
         return NO_SPAN
     return _Child(tracing, parent.get_span_context(), name, attributes)
 
