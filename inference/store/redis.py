@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .base import Decision, Policy, StoreUnavailable
@@ -58,6 +59,14 @@ class RedisStore:
             result = await operation()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._retry_at = time.monotonic() + RETRY_SECONDS
+            if isinstance(exc, (RedisConnectionError, OSError)):
+                # The server closed this connection (restarted, failed over, dropped us): the others in the pool
+                # are dead too. Close them all now, or each would fail one later call, and every such failure
+                # marks the store down for RETRY_SECONDS more after the server is back.
+                try:
+                    await self._client.connection_pool.disconnect()
+                except Exception:  # closing dead sockets may fail too; the next call reconnects either way
+                    pass
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("redis at %s is unavailable (%s: %s); serving without it until it is back",
