@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import SERVICE_NAME, __version__
 from .config import Settings
+from .export import child_record
 from .http import Scope
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ NO_SPAN = _NoSpan()
 class _Child:
     """A child span of the request's span that lives only inside a `with` block, recorded without the SDK's span
     machinery: its attributes gather in a dict, and at the end one finished span (the SDK's `ReadableSpan`) goes
-    to the span processor. The SDK's `start_span` costs 13-15 us a span here (sampler, locks, bounded attribute
-    maps, a snapshot copy at the end), this about 3; what reaches the exporter is the same span. It is never made
+    to the export process as a record (export.py). The SDK's `start_span` costs 13-15 us a span here (sampler, locks,
+    bounded attribute maps, a snapshot copy at the end), this about 2; what reaches the exporter is the same span. It is never made
     current: nothing under the request's children starts spans of its own. An exception is recorded as an event
     and sets the status, as `start_as_current_span` would."""
 
@@ -137,27 +138,22 @@ class _Child:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         end = time.time_ns()
-        status, events = UNSET, ()
-        if exc is not None:
-            status = Status(StatusCode.ERROR, f"{kind.__name__}: {exc}")  # type: ignore[union-attr]
-            events = (_exception_event(exc, end),)
-        self.tracing.emit(self.name, self.parent, self.attributes, self.start, end, status, events)
+        if exc is None:
+            self.tracing.emit(self.name, self.parent, self.attributes, self.start, end)
+        else:
+            self.tracing.emit(self.name, self.parent, self.attributes, self.start, end, StatusCode.ERROR.value,
+                              f"{kind.__name__}: {exc}", (("exception", end, _exception_attributes(exc)),))  # type: ignore[union-attr]
 
 
-UNSET = Status(StatusCode.UNSET)
-
-
-def _exception_event(exc: BaseException, timestamp: int) -> Any:
-    """The event the SDK's `Span.record_exception` adds."""
-    from opentelemetry.sdk.trace import Event
-
+def _exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The attributes of the event the SDK's `Span.record_exception` adds."""
     module, name = type(exc).__module__, type(exc).__qualname__
-    return Event("exception", {
+    return {
         "exception.type": f"{module}.{name}" if module and module != "builtins" else name,
         "exception.message": str(exc),
         "exception.stacktrace": "".join(traceback.format_exception(exc)),
         "exception.escaped": "False",
-    }, timestamp)
+    }
 
 
 def span(scope: Scope, tracing: "Tracing", name: str, **attributes: Any) -> Any:
@@ -194,24 +190,21 @@ def trace_id(span: trace.Span | None) -> str | None:
 class Tracing:
     tracer: trace.Tracer
     provider: Any = None  # the SDK's TracerProvider, or None when nothing is exported
-    processor: Any = None  # its span processor, which `emit` feeds directly
-    resource: Any = None
-    scope: Any = None  # the instrumentation scope of `tracer`
+    processor: Any = None  # its span processor (export.ExportProcess), which `emit` feeds directly
 
     def emit(self, name: str, parent: trace.SpanContext, attributes: dict[str, Any], start: int, end: int,
-             status: Status, events: tuple[Any, ...] = ()) -> None:
+             status: int = 0, description: str | None = None, events: tuple[Any, ...] | None = None) -> None:
         """Record a finished INTERNAL span under `parent` (sampled: the caller checked that it is recorded)."""
-        from opentelemetry.sdk.trace import ReadableSpan
-
-        context = trace.SpanContext(parent.trace_id, _span_id(), False, parent.trace_flags, parent.trace_state)
-        self.processor.on_end(ReadableSpan(
-            name, context, parent, self.resource, attributes, events, kind=trace.SpanKind.INTERNAL,
-            status=status, start_time=start, end_time=end, instrumentation_scope=self.scope))
+        self.processor.add(child_record(name, parent, _span_id(), attributes, start, end, status, description,
+                                        events, SCOPE))
 
     def shutdown(self) -> None:
-        """Flush the spans still in the batch, then stop the exporter."""
+        """Export the spans still batched, then stop the export process."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+SCOPE = (SERVICE_NAME, __version__, None, None)  # the instrumentation scope of the service's spans (a record's)
 
 
 def _span_id() -> int:
@@ -227,26 +220,23 @@ def create_tracing(settings: Settings, metrics: Metrics | None = None) -> Tracin
     Spans dropped because the export queue is full are counted in `metrics`."""
     if not settings.otel_enabled or not settings.otel_exporter_otlp_endpoint:
         return Tracing(trace.NoOpTracer())
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from .otlp import BoundedSpanProcessor, grpc_exporter, http_exporter
+    from .export import ExportProcess
 
-    endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/")
-    if settings.otel_exporter_otlp_protocol == "grpc":
-        exporter = grpc_exporter(endpoint, insecure=endpoint.startswith("http://"))
-    else:
-        # As the spec says for OTEL_EXPORTER_OTLP_ENDPOINT: the signal's path is appended.
-        exporter = http_exporter(f"{endpoint}/v1/traces")
-    # Resource.create also reads OTEL_RESOURCE_ATTRIBUTES; the sampler and the batch processor read
-    # OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* from the environment, as in any OpenTelemetry SDK.
-    resource = Resource.create({"service.name": settings.otel_service_name, "service.version": __version__,
-                                "deployment.environment.name": settings.environment})
-    provider = TracerProvider(resource=resource)
-    dropped = metrics.spans_dropped.inc if metrics is not None else (lambda: None)
-    processor = BoundedSpanProcessor(exporter, on_drop=dropped)
+    # The export process (export.py) builds the exporter and the resource from these; Resource.create there also
+    # reads OTEL_RESOURCE_ATTRIBUTES, the batch processor OTEL_BSP_* and the exporter OTEL_EXPORTER_OTLP_*; the
+    # sampler here reads OTEL_TRACES_SAMPLER(_ARG), as in any OpenTelemetry SDK.
+    config = {
+        "endpoint": settings.otel_exporter_otlp_endpoint.rstrip("/"),
+        "protocol": settings.otel_exporter_otlp_protocol,
+        "resource": {"service.name": settings.otel_service_name, "service.version": __version__,
+                     "deployment.environment.name": settings.environment},
+        "log_level": settings.log_level, "log_format": settings.log_format,
+    }
+    dropped = metrics.spans_dropped.inc if metrics is not None else (lambda n: None)
+    processor = ExportProcess(config, on_drop=dropped)
+    provider = TracerProvider()
     provider.add_span_processor(processor)
-    log.info("exporting traces to %s (%s)", endpoint, settings.otel_exporter_otlp_protocol)
-    return Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor, resource,
-                   InstrumentationScope(SERVICE_NAME, __version__))
+    log.info("exporting traces to %s (%s)", config["endpoint"], config["protocol"])
+    return Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor)

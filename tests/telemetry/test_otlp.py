@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from inference.export import rebuild, record
 from inference.otlp import encode_spans
 
 VALUES = {
@@ -75,6 +76,19 @@ def test_an_empty_batch_and_single_spans_match_too():
         assert encode_spans([span]) == sdk_encode_spans([span]), span.name
 
 
+def test_spans_sent_to_the_export_process_are_rebuilt_as_they_were():
+    """export.record in the service, marshal across the pipe, export.rebuild in the export process: the request
+    encoded from the rebuilt spans is the one the SDK would have sent from the originals."""
+    import marshal
+
+    spans = recorded_spans()
+    rebuilt = [rebuild(entry, span.resource)
+               for entry, span in zip(marshal.loads(marshal.dumps([record(s) for s in spans])), spans)]
+    assert sdk_encode_spans(rebuilt) == sdk_encode_spans(spans)
+    assert encode_spans(rebuilt) == sdk_encode_spans(spans)
+    assert [s.dropped_attributes for s in rebuilt] == [s.dropped_attributes for s in spans]
+
+
 def test_a_value_the_sdk_cannot_encode_is_left_out_with_the_rest_of_the_span_sent(caplog):
     """Ints beyond 64 bits pass the SDK's attribute checks but not protobuf's: both encoders leave them out."""
     exporter = InMemorySpanExporter()
@@ -93,17 +107,21 @@ def test_a_value_the_sdk_cannot_encode_is_left_out_with_the_rest_of_the_span_sen
 def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
     """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
     `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
     from inference import SERVICE_NAME, __version__
     from inference.telemetry import SPAN_KEY, Tracing, span
 
+    class Records(SimpleSpanProcessor):
+        """What the export process would receive: the SDK's spans and the children's records, rebuilt there."""
+
+        def add(self, entry):
+            self.on_end(rebuild(entry, provider.resource))
+
     exporter = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
-    processor = SimpleSpanProcessor(exporter)
+    processor = Records(exporter)
     provider.add_span_processor(processor)
     tracer = provider.get_tracer(SERVICE_NAME, __version__)
-    tracing = Tracing(tracer, provider, processor, provider.resource, InstrumentationScope(SERVICE_NAME, __version__))
+    tracing = Tracing(tracer, provider, processor)
     error = ValueError("the store is down")
     with tracer.start_as_current_span("server") as server:
         scope = {SPAN_KEY: server}
@@ -142,9 +160,10 @@ def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
 
 
 def test_a_stalled_collector_fills_the_queue_then_spans_are_dropped_counted_and_warned_about_once(
-        monkeypatch, caplog):
-    """A collector that accepts connections and never answers: the exporter blocks on its first batch, the queue
-    (OTEL_BSP_MAX_QUEUE_SIZE) fills, the rest is dropped, counted in the metric, with one warning for the burst."""
+        monkeypatch, capfd):
+    """A collector that accepts connections and never answers: the export process's exporter blocks on its first
+    batch, its queue (OTEL_BSP_MAX_QUEUE_SIZE) fills, the rest is dropped, counted in the service's metric, with
+    one warning for the burst (in the export process's log, which is the service's stderr)."""
     import socket
 
     from conftest import base_settings
@@ -159,15 +178,77 @@ def test_a_stalled_collector_fills_the_queue_then_spans_are_dropped_counted_and_
     tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{stalled.getsockname()[1]}"),
                              metrics)
     try:
-        with caplog.at_level(logging.WARNING, logger="inference.otlp"):
-            for i in range(200):
-                tracing.tracer.start_span(f"span {i}").end()
+        for i in range(200):
+            tracing.tracer.start_span(f"span {i}").end()
+        assert tracing.processor.force_flush(30_000)  # the export process has taken every span by then
         dropped = metrics.registry.get_sample_value("inference_spans_dropped_total")
         # 16 wait in the queue; at most one batch of 4 had left it for the stalled exporter.
         assert 200 - 16 - 4 <= dropped <= 200 - 16
-        warnings = [r for r in caplog.records if "queue full" in r.getMessage()]
-        assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
-        assert "inference_spans_dropped_total" in warnings[0].getMessage()
+        warnings = [line for line in capfd.readouterr().err.splitlines() if "queue full" in line]
+        assert len(warnings) == 1, warnings
+        assert "inference_spans_dropped_total" in warnings[0]
     finally:
         stalled.close()
         tracing.shutdown()
+
+
+def test_a_dead_export_process_loses_only_what_it_held_and_is_started_again(monkeypatch, caplog):
+    """The export process killed: the spans written to it meanwhile are counted as dropped, with one warning and an
+    error saying it exited; the next spans start it again and reach the collector."""
+    import signal
+
+    from conftest import base_settings
+
+    from inference.export import ExportProcess
+    from inference.telemetry import Metrics, create_tracing
+
+    monkeypatch.setattr(ExportProcess, "RESTART_DELAY", 0.0)
+    received = []
+    sink = otlp_sink(received)
+    metrics = Metrics()
+    tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{sink.server_address[1]}"),
+                             metrics)
+    try:
+        tracing.tracer.start_span("before").end()
+        assert tracing.processor.force_flush(10_000)
+        first = tracing.processor.process
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        with caplog.at_level(logging.WARNING, logger="inference.export"):
+            tracing.tracer.start_span("lost").end()
+            tracing.processor.force_flush(10_000)  # finds the process dead: the span is lost, counted; a new one
+            assert metrics.registry.get_sample_value("inference_spans_dropped_total") == 1
+            tracing.tracer.start_span("after").end()
+            assert tracing.processor.force_flush(10_000)
+        assert tracing.processor.process is not first
+        assert sum("exited" in r.getMessage() for r in caplog.records) == 1
+        assert sum("dropping spans" in r.getMessage() for r in caplog.records) == 1
+        names = [span.name for request in received for rs in request.resource_spans for ss in rs.scope_spans
+                 for span in ss.spans]
+        assert names == ["before", "after"]
+    finally:
+        tracing.shutdown()
+        sink.shutdown()
+        sink.server_close()
+
+
+def otlp_sink(received):
+    """An OTLP/HTTP collector in a thread, keeping every request it is sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
