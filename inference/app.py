@@ -83,7 +83,7 @@ def build_app(
         app = limit(app, store=service.store, settings=settings, paths=limited, tracing=tracing)
     app = auth(app, keys=settings.all_api_keys)
     app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
-    app = tracing_middleware(app, tracer=tracing.tracer)
+    app = tracing_middleware(app, traces=tracing)
     app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)
 

@@ -186,11 +186,126 @@ def trace_id(span: trace.Span | None) -> str | None:
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
+class ServerSpan(trace.Span):
+    """A request's recorded SERVER span, without the SDK's span machinery (as `_Child`): the span API the service
+    uses, attributes gathered in a dict, one record to the export process at the end. The generation span, the
+    upstream backend's `traceparent` and log lines use it through the context as any span. Unlike the SDK's span
+    it applies no attribute limits (OTEL_SPAN_*_LIMIT): the service sets a fixed, small set of attributes."""
+
+    __slots__ = ("tracing", "context", "parent", "name", "attributes", "start", "status", "description", "events",
+                 "ended")
+
+    def __init__(self, tracing: "Tracing", context: trace.SpanContext, parent: trace.SpanContext | None,
+                 name: str) -> None:
+        self.tracing = tracing
+        self.context = context
+        self.parent = parent
+        self.name = name
+        self.attributes: dict[str, Any] = {}
+        self.start = time.time_ns()
+        self.status = StatusCode.UNSET
+        self.description: str | None = None
+        self.events: list[tuple[str, int, Any]] = []
+        self.ended = False
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return not self.ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: Any) -> None:
+        self.attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        self.events.append((name, timestamp or time.time_ns(), dict(attributes) if attributes else None))
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        if self.status is StatusCode.OK:
+            return  # final, as in the SDK
+        if isinstance(status, Status):
+            status, description = status.status_code, status.description
+        self.status = status
+        self.description = description if status is StatusCode.ERROR else None
+
+    def record_exception(self, exception: BaseException, attributes: Any = None, timestamp: int | None = None,
+                         escaped: bool = False) -> None:
+        recorded = _exception_attributes(exception)
+        recorded["exception.escaped"] = str(escaped)
+        if attributes:
+            recorded.update(attributes)
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        context, parent = self.context, self.parent
+        self.tracing.processor.add((
+            self.name, SERVER_KIND, context.trace_id, context.span_id, int(context.trace_flags),
+            context.trace_state.to_header() if context.trace_state else "", parent.span_id if parent else 0,
+            parent is not None and parent.is_remote, self.start, end_time or time.time_ns(), self.attributes or None,
+            tuple(self.events) or None, None, self.status.value, self.description, None, SCOPE))
+
+
+SERVER_KIND = trace.SpanKind.SERVER.value
+
+
+class HeadSampler:
+    """The sampling decision for a request, taken before anything else is built. The sampler is the SDK's, made
+    from OTEL_TRACES_SAMPLER(_ARG) at start-up; the built-in ones (always_on, always_off, traceidratio and their
+    parentbased_ forms, with the default delegates) are decided here in a few operations, the same way the SDK
+    decides them; `decides` is False for any other sampler, which the SDK's tracer then applies itself."""
+
+    def __init__(self, sampler: Any) -> None:
+        from opentelemetry.sdk.trace import sampling
+
+        self.parent_based = isinstance(sampler, sampling.ParentBased)
+        root = getattr(sampler, "_root", None) if self.parent_based else sampler
+        delegates = ([getattr(sampler, f"_{name}", None) for name in ("remote_parent_sampled",
+                                                                       "remote_parent_not_sampled")]
+                     if self.parent_based else [sampling.ALWAYS_ON, sampling.ALWAYS_OFF])
+        self.bound: int | None = None
+        if delegates == [sampling.ALWAYS_ON, sampling.ALWAYS_OFF]:
+            if root is sampling.ALWAYS_ON:
+                self.bound = 2**64
+            elif root is sampling.ALWAYS_OFF:
+                self.bound = 0
+            elif type(root) is sampling.TraceIdRatioBased:
+                self.bound = root.bound
+        self.decides = self.bound is not None
+
+    def sampled(self, trace_id: int, parent: trace.SpanContext | None) -> bool:
+        if parent is not None and self.parent_based:
+            return parent.trace_flags.sampled
+        return trace_id & 0xFFFFFFFFFFFFFFFF < self.bound  # type: ignore[operator]
+
+
 @dataclass
 class Tracing:
     tracer: trace.Tracer
     provider: Any = None  # the SDK's TracerProvider, or None when nothing is exported
     processor: Any = None  # its span processor (export.ExportProcess), which `emit` feeds directly
+    sampler: HeadSampler | None = None
+
+    def server_span(self, name: str, parent: trace.SpanContext | None) -> trace.Span:
+        """The request's SERVER span under the caller's `parent` (None: a new trace): a ServerSpan when sampled,
+        else a span that records nothing but carries the trace id and the unsampled flag onward."""
+        sampler = self.sampler
+        if sampler is None or not sampler.decides:
+            return self.tracer.start_span(name, context=trace.set_span_in_context(trace.NonRecordingSpan(parent))
+                                          if parent is not None else None, kind=trace.SpanKind.SERVER)
+        trace_id = parent.trace_id if parent is not None else _trace_id()
+        state = parent.trace_state if parent is not None else None
+        if sampler.sampled(trace_id, parent):
+            return ServerSpan(self, trace.SpanContext(trace_id, _span_id(), False, SAMPLED, state), parent, name)
+        return trace.NonRecordingSpan(trace.SpanContext(trace_id, _span_id(), False, UNSAMPLED, state))
 
     def emit(self, name: str, parent: trace.SpanContext, attributes: dict[str, Any], start: int, end: int,
              status: int = 0, description: str | None = None, events: tuple[Any, ...] | None = None) -> None:
@@ -205,6 +320,17 @@ class Tracing:
 
 
 SCOPE = (SERVICE_NAME, __version__, None, None)  # the instrumentation scope of the service's spans (a record's)
+
+
+SAMPLED, UNSAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED), trace.TraceFlags(trace.TraceFlags.DEFAULT)
+
+
+def _trace_id() -> int:
+    """A random non-zero trace id, as the SDK's RandomIdGenerator makes them."""
+    while True:
+        trace_id = random.getrandbits(128)
+        if trace_id:
+            return trace_id
 
 
 def _span_id() -> int:
@@ -239,4 +365,4 @@ def create_tracing(settings: Settings, metrics: Metrics | None = None) -> Tracin
     provider = TracerProvider()
     provider.add_span_processor(processor)
     log.info("exporting traces to %s (%s)", config["endpoint"], config["protocol"])
-    return Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor)
+    return Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor, HeadSampler(provider.sampler))

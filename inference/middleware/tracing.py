@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from opentelemetry import context, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..errors import HTTPError
 from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry import SPAN_KEY
+from ..telemetry import SPAN_KEY, Tracing
 from .errors import response_status
 
 PROPAGATOR = TraceContextTextMapPropagator()
 CARRIED = {b"traceparent", b"tracestate"}
 
 
-def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
-    if isinstance(tracer, trace.NoOpTracer):
+def tracing(app: ASGIApp, *, traces: Tracing) -> ASGIApp:
+    if isinstance(traces.tracer, trace.NoOpTracer):
         return app  # nothing is exported: no spans, no cost
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -29,13 +29,17 @@ def tracing(app: ASGIApp, *, tracer: trace.Tracer) -> ASGIApp:
                 if carrier is None:
                     carrier = {}
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
-        parent = PROPAGATOR.extract(carrier) if carrier else None
+        parent = None
+        if carrier:
+            parent = trace.get_current_span(PROPAGATOR.extract(carrier)).get_span_context()
+            if not parent.is_valid:
+                parent = None
         # The sampler decides first, from the trace id and the caller's sampled flag: nothing else is built yet.
         # An unsampled request's span records nothing, but it is made current all the same: its context carries
         # the trace id and the unsampled flag to the upstream backend and into the log line.
-        span = tracer.start_span(scope["method"], context=parent, kind=SpanKind.SERVER)
+        span = traces.server_span(scope["method"], parent)
         scope[SPAN_KEY] = span
-        token = context.attach(trace.set_span_in_context(span, parent))
+        token = context.attach(trace.set_span_in_context(span))
         try:
             if span.is_recording():
                 await _recorded(app, span, scope, receive, send)
