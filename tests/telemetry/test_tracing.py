@@ -76,11 +76,18 @@ def test_errors_set_span_status_and_exemplars_link_metrics_to_traces(engine, otl
             bad = await call_asgi(app, "POST", "/api/v1/infer", body, JSON)
             ok = await call_asgi(app, "POST", "/api/v1/infer", b'{"prompt": "Hi", "max_tokens": 2}', JSON)
             scraped = await call_asgi(app, "GET", "/metrics", headers=[("accept", "application/openmetrics-text")])
-        return bad, ok, scraped
+            app.service.drain()  # /ready answers 503 from now on: a 5xx, an error span
+            await asyncio.sleep(0)
+            draining = await call_asgi(app, "GET", "/ready")
+        return bad, ok, scraped, draining
 
-    bad, ok, scraped = asyncio.run(scenario())
-    assert bad.status == 400 and ok.status == 200
-    spans = otlp.wait_for(lambda spans: sum(s.name == "POST /api/v1/infer" for s in spans) == 2)
+    bad, ok, scraped, draining = asyncio.run(scenario())
+    assert bad.status == 400 and ok.status == 200 and draining.status == 503
+    spans = otlp.wait_for(lambda spans: sum(s.name == "POST /api/v1/infer" for s in spans) == 2
+                          and any(s.name == "GET /ready" for s in spans))
+    statuses = {s.name: s.status.code for s in spans if s.name.startswith(("POST", "GET"))}
+    assert statuses["GET /ready"] == spans[0].status.STATUS_CODE_ERROR
+    assert statuses["POST /api/v1/infer"] == spans[0].status.STATUS_CODE_UNSET  # a 400 is the caller's error
     generations = [s for s in spans if s.name.startswith("chat ")]
     failed = [s for s in generations if s.status.code == s.status.STATUS_CODE_ERROR]
     assert len(failed) == 1 and "context" in failed[0].status.message

@@ -1,0 +1,125 @@
+"""The service's own sampling decision and SERVER span give what the OpenTelemetry SDK would have."""
+
+import random
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from inference import SERVICE_NAME, __version__
+from inference.export import rebuild
+from inference.otlp import encode_spans
+from inference.telemetry import HeadSampler, ServerSpan, Tracing
+
+BUILT_IN = {
+    "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+    "traceidratio 0.25": sampling.TraceIdRatioBased(0.25), "traceidratio 0": sampling.TraceIdRatioBased(0),
+    "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
+    "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
+    "parentbased_traceidratio 0.1": sampling.ParentBased(sampling.TraceIdRatioBased(0.1)),
+}
+
+
+def remote(trace_id, sampled):
+    return SpanContext(trace_id, random.getrandbits(64) | 1, is_remote=True,
+                       trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_the_inline_decision_is_the_sdk_samplers(name):
+    sdk = BUILT_IN[name]
+    ours = HeadSampler(sdk)
+    assert ours.decides
+    rng = random.Random(7)
+    decisions = set()
+    for _ in range(3000):
+        trace_id = rng.getrandbits(128) or 1
+        for parent in (None, remote(trace_id, True), remote(trace_id, False)):
+            context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+            expected = sdk.should_sample(context, trace_id, "POST", SpanKind.SERVER).decision.is_sampled()
+            assert ours.sampled(trace_id, parent) == expected, (trace_id, parent)
+            decisions.add(expected)
+    if "0.25" in name or "0.1" in name or "parentbased" in name:
+        assert decisions == {True, False}  # both outcomes were compared
+
+
+def test_any_other_sampler_is_left_to_the_sdk():
+    custom = sampling.ParentBased(sampling.ALWAYS_OFF, remote_parent_not_sampled=sampling.ALWAYS_ON)
+    assert not HeadSampler(custom).decides
+    provider = TracerProvider(sampler=custom)
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    tracing = Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, None, HeadSampler(custom))
+    parent = remote(0x1234, False)
+    span = tracing.server_span("POST", parent)
+    assert not isinstance(span, ServerSpan) and span.is_recording()  # the SDK applied the custom delegate
+    assert span.get_span_context().trace_id == 0x1234 and span.parent == parent
+    assert not tracing.server_span("POST", None).is_recording()
+
+
+def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
+    class Records(SimpleSpanProcessor):
+        def add(self, entry):
+            self.on_end(rebuild(entry, provider.resource))
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
+    processor = Records(exporter)
+    provider.add_span_processor(processor)
+    tracing = Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor,
+                      HeadSampler(provider.sampler))
+    parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
+                         trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "value")]))
+    error = ValueError("the engine failed")
+    for make in (lambda: tracing.tracer.start_span("POST", context=trace.set_span_in_context(NonRecordingSpan(parent)),
+                                                   kind=SpanKind.SERVER),
+                 lambda: tracing.server_span("POST", parent)):
+        span = make()
+        with trace.use_span(span, end_on_exit=False):
+            child = tracing.tracer.start_span("chat model")  # the generation span, under the current span
+            child.end()
+        span.set_attributes({"http.request.method": "POST", "server.port": 8000})
+        span.set_attribute("user.id", "u-1")
+        span.add_event("gen_ai.first_token", {"n": 1})
+        span.update_name("POST /v1/chat/completions")
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_status(StatusCode.OK)
+        span.set_status(StatusCode.ERROR, "ignored: OK is final")
+        span.end()
+        span.end()  # a second end records nothing more
+    sdk_child, theirs, our_child, ours = exporter.get_finished_spans()
+    assert isinstance(make(), ServerSpan)
+    assert our_child.parent == ours.context and sdk_child.parent == theirs.context
+    assert ours.context.trace_id == theirs.context.trace_id == parent.trace_id
+    assert ours.context.trace_state == parent.trace_state and ours.parent == parent
+    encoded = []
+    for span in (theirs, ours):
+        message = encode_spans([span]).resource_spans[0]
+        one = message.scope_spans[0].spans[0]
+        for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
+            one.ClearField(field)
+        for event in one.events:
+            event.ClearField("time_unix_nano")
+            for kv in event.attributes:
+                if kv.key == "exception.stacktrace":
+                    kv.value.string_value = ""
+        encoded.append(message)
+    assert encoded[0] == encoded[1]
+    assert ours.status.status_code == StatusCode.OK
+
+
+def test_unsampled_requests_carry_the_trace_onward_and_record_nothing():
+    provider = TracerProvider(sampler=sampling.ParentBased(sampling.TraceIdRatioBased(0.0)))
+    tracing = Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, None, HeadSampler(provider.sampler))
+    parent = remote(0xABC, False)
+    span = tracing.server_span("POST", parent)
+    context = span.get_span_context()
+    assert not span.is_recording() and not context.trace_flags.sampled
+    assert context.trace_id == 0xABC and context.span_id != parent.span_id and context.is_valid
+    root = tracing.server_span("POST", None).get_span_context()
+    assert root.is_valid and not root.trace_flags.sampled
+    assert isinstance(tracing.server_span("POST", remote(0xABC, True)), ServerSpan)  # the caller's choice
