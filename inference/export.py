@@ -338,9 +338,9 @@ def main() -> None:
     resource = Resource.create(config["resource"])
     dropped = 0
 
-    def count() -> None:
+    def count(n: int) -> None:
         nonlocal dropped
-        dropped += 1
+        dropped += n
 
     processor = BoundedSpanProcessor(exporter, on_drop=count)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

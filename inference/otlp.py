@@ -11,7 +11,6 @@ filling the request in place costs. `encode_spans` below fills one request in pl
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -177,21 +176,22 @@ def _env_int(name: str, default: int) -> int:
 class BoundedSpanProcessor(SpanProcessor):
     """The SDK's BatchSpanProcessor, with the spans it holds counted here: past OTEL_BSP_MAX_QUEUE_SIZE (2048) a
     span is dropped here instead of in the SDK, which would log a warning for every one of them, each costing
-    more than the span (a log record, a stack walk) while the exporter is already behind. `on_drop` counts them;
-    one warning is logged per burst (drops with less than BURST_GAP seconds between them)."""
+    more than the span (a log record, a stack walk) while the exporter is already behind. `on_drop(n)` counts them;
+    one warning is logged per burst (export.Drops)."""
 
-    BURST_GAP = 10.0
+    def __init__(self, exporter: SpanExporter, on_drop: Callable[[int], None]) -> None:
+        from .export import Drops
 
-    def __init__(self, exporter: SpanExporter, on_drop: Callable[[], None]) -> None:
         self.capacity = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
-        # Each count is written by one thread only (spans end on the event loop, batches go from the SDK's
-        # worker), so no lock: `accepted - exported` is never less than what the SDK's queue holds, and the SDK's
-        # own bound, one batch higher, is never reached.
+        # Each count is written by one thread only (spans end on one thread, batches go from the SDK's worker),
+        # so no lock: `accepted - exported` is never less than what the SDK's queue holds, and the SDK's own
+        # bound, one batch higher, is never reached.
         self.accepted = 0
         self.exported = 0
-        self.on_drop = on_drop
-        self.last_drop = -math.inf
+        self.drop = Drops(on_drop, f"span export queue full (OTEL_BSP_MAX_QUEUE_SIZE={self.capacity}): dropping "
+                                   "spans until the exporter catches up, counted in inference_spans_dropped_total; "
+                                   "one warning per burst")
         self.batch = BatchSpanProcessor(_Counting(exporter, self), max_queue_size=self.capacity + batch,
                                         max_export_batch_size=min(batch, self.capacity))
 
@@ -200,19 +200,10 @@ class BoundedSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         if self.accepted - self.exported >= self.capacity:
-            self._drop()
+            self.drop()
             return
         self.accepted += 1
         self.batch.on_end(span)
-
-    def _drop(self) -> None:
-        self.on_drop()
-        now = time.monotonic()
-        if now - self.last_drop > self.BURST_GAP:
-            log.warning("span export queue full (OTEL_BSP_MAX_QUEUE_SIZE=%d): dropping spans until the exporter "
-                        "catches up, counted in inference_spans_dropped_total; one warning per burst",
-                        self.capacity)
-        self.last_drop = now
 
     def shutdown(self) -> None:
         self.batch.shutdown()

@@ -232,6 +232,51 @@ def test_a_dead_export_process_loses_only_what_it_held_and_is_started_again(monk
         sink.server_close()
 
 
+def test_an_export_process_that_stops_reading_never_blocks_the_service(monkeypatch, caplog):
+    """The export process stopped (SIGSTOP): the pipe fills, then the backlog (MAX_UNSENT bytes); spans past it
+    are dropped and counted, without the service ever waiting. Resumed, it exports everything it was given."""
+    import signal
+    import time
+
+    from conftest import base_settings
+
+    from inference.export import ExportProcess
+    from inference.telemetry import Metrics, create_tracing
+
+    monkeypatch.setattr(ExportProcess, "MAX_UNSENT", 256 * 1024)
+    received = []
+    sink = otlp_sink(received)
+    metrics = Metrics()
+    tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{sink.server_address[1]}"),
+                             metrics)
+    process = tracing.processor.process
+    try:
+        assert tracing.processor.force_flush(10_000)
+        process.send_signal(signal.SIGSTOP)
+        total, slowest = 20_000, 0.0
+        with caplog.at_level(logging.WARNING, logger="inference.export"):
+            for i in range(total):
+                started = time.perf_counter()
+                tracing.tracer.start_span("span", attributes={"i": i, "padding": "x" * 100}).end()
+                slowest = max(slowest, time.perf_counter() - started)
+        dropped = metrics.registry.get_sample_value("inference_spans_dropped_total")
+        assert 0 < dropped < total  # the pipe and the backlog took some, the rest was dropped
+        assert sum("dropping spans" in r.getMessage() for r in caplog.records) == 1
+        assert slowest < 1.0  # never waited for the stopped process (generous: a machine under load)
+        process.send_signal(signal.SIGCONT)
+        assert tracing.processor.force_flush(30_000)
+        exported = sum(len(ss.spans) for request in received for rs in request.resource_spans
+                       for ss in rs.scope_spans)
+        # what the export process then could not queue (OTEL_BSP_MAX_QUEUE_SIZE) was counted too: none is unaccounted
+        assert exported + metrics.registry.get_sample_value("inference_spans_dropped_total") == total
+        assert exported > 2048
+    finally:
+        process.send_signal(signal.SIGCONT)
+        tracing.shutdown()
+        sink.shutdown()
+        sink.server_close()
+
+
 def otlp_sink(received):
     """An OTLP/HTTP collector in a thread, keeping every request it is sent."""
     import threading
