@@ -104,24 +104,47 @@ def test_a_value_the_sdk_cannot_encode_is_left_out_with_the_rest_of_the_span_sen
     assert [kv.key for kv in ours.resource_spans[0].scope_spans[0].spans[0].attributes] == ["small", "after"]
 
 
-def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
-    """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
-    `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
+def recorder():
+    """(exporter, Tracing) whose SDK spans and records (rebuilt as the export process would) all reach `exporter`."""
+    from opentelemetry.sdk.trace import sampling
+
     from inference import SERVICE_NAME, __version__
-    from inference.telemetry import SPAN_KEY, Tracing, span
+    from inference.telemetry import HeadSampler, Tracing
 
     class Records(SimpleSpanProcessor):
-        """What the export process would receive: the SDK's spans and the children's records, rebuilt there."""
-
         def add(self, entry):
             self.on_end(rebuild(entry, provider.resource))
 
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
+    provider = TracerProvider(resource=Resource.create({"service.name": "inference"}), sampler=sampling.ALWAYS_ON)
     processor = Records(exporter)
     provider.add_span_processor(processor)
-    tracer = provider.get_tracer(SERVICE_NAME, __version__)
-    tracing = Tracing(tracer, provider, processor)
+    return exporter, Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor,
+                             HeadSampler(provider.sampler))
+
+
+def comparable(span):
+    """A span's OTLP encoding without what differs between two recordings of it: ids, times, the traceback."""
+    message = encode_spans([span]).resource_spans[0]
+    one = message.scope_spans[0].spans[0]
+    for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
+        one.ClearField(field)
+    for event in one.events:
+        event.ClearField("time_unix_nano")
+        for kv in event.attributes:
+            if kv.key == "exception.stacktrace":  # where the traceback was taken differs: our frames
+                assert "Error: " in kv.value.string_value
+                kv.value.string_value = ""
+    return message
+
+
+def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
+    """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
+    `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
+    from inference.telemetry import SPAN_KEY, span
+
+    exporter, tracing = recorder()
+    tracer = tracing.tracer
     error = ValueError("the store is down")
     with tracer.start_as_current_span("server") as server:
         scope = {SPAN_KEY: server}
@@ -141,22 +164,43 @@ def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
         assert ours.context.trace_id == theirs.context.trace_id
         assert ours.context.trace_flags == theirs.context.trace_flags and ours.context.span_id != theirs.context.span_id
         assert ours.start_time <= ours.end_time
-        a, b = encode_spans([theirs]).resource_spans[0], encode_spans([ours]).resource_spans[0]
-        assert a.resource == b.resource and a.scope_spans[0].scope == b.scope_spans[0].scope
-        encoded = []
-        for message in (a, b):
-            one = message.scope_spans[0].spans[0]
-            for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
-                one.ClearField(field)
-            for event in one.events:
-                event.ClearField("time_unix_nano")
-                for kv in event.attributes:
-                    if kv.key == "exception.stacktrace":  # where the traceback was taken differs: our frames
-                        assert "ValueError: the store is down" in kv.value.string_value
-                        kv.value.string_value = ""
-            encoded.append(one)
-        assert encoded[0] == encoded[1]
+        assert comparable(ours) == comparable(theirs)
     assert failed.status.status_code == StatusCode.ERROR and failed.events[0].name == "exception"
+
+
+def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
+    """A sampled request's ServerSpan: what the SDK's server span would have recorded, the generation span under
+    it, the same status rules."""
+    from inference.telemetry import ServerSpan
+
+    exporter, tracing = recorder()
+    parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
+                         trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "value")]))
+    error = ValueError("the engine failed")
+    for make in (lambda: tracing.tracer.start_span("POST", context=trace.set_span_in_context(NonRecordingSpan(parent)),
+                                                   kind=SpanKind.SERVER),
+                 lambda: tracing.server_span("POST", parent)):
+        span = make()
+        with trace.use_span(span, end_on_exit=False):
+            child = tracing.tracer.start_span("chat model")  # the generation span, under the current span
+            child.end()
+        span.set_attributes({"http.request.method": "POST", "server.port": 8000})
+        span.set_attribute("user.id", "u-1")
+        span.add_event("gen_ai.first_token", {"n": 1})
+        span.update_name("POST /v1/chat/completions")
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_status(StatusCode.OK)
+        span.set_status(StatusCode.ERROR, "ignored: OK is final")
+        span.end()
+        span.end()  # a second end records nothing more
+    sdk_child, theirs, our_child, ours = exporter.get_finished_spans()
+    assert isinstance(make(), ServerSpan)
+    assert our_child.parent == ours.context and sdk_child.parent == theirs.context
+    assert ours.context.trace_id == theirs.context.trace_id == parent.trace_id
+    assert ours.context.trace_state == parent.trace_state and ours.parent == parent
+    assert comparable(ours) == comparable(theirs)
+    assert ours.status.status_code == StatusCode.OK
 
 
 def test_a_stalled_collector_fills_the_queue_then_spans_are_dropped_counted_and_warned_about_once(

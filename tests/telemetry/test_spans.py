@@ -1,18 +1,16 @@
-"""The service's own sampling decision and SERVER span give what the OpenTelemetry SDK would have."""
+"""The service's own sampling decision gives what the OpenTelemetry SDK's samplers would have (its SERVER span is
+compared with the SDK's in test_otlp.py)."""
 
 import random
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from inference import SERVICE_NAME, __version__
-from inference.export import rebuild
-from inference.otlp import encode_spans
 from inference.telemetry import HeadSampler, ServerSpan, Tracing
 
 BUILT_IN = {
@@ -58,58 +56,6 @@ def test_any_other_sampler_is_left_to_the_sdk():
     assert not isinstance(span, ServerSpan) and span.is_recording()  # the SDK applied the custom delegate
     assert span.get_span_context().trace_id == 0x1234 and span.parent == parent
     assert not tracing.server_span("POST", None).is_recording()
-
-
-def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
-    class Records(SimpleSpanProcessor):
-        def add(self, entry):
-            self.on_end(rebuild(entry, provider.resource))
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
-    processor = Records(exporter)
-    provider.add_span_processor(processor)
-    tracing = Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, processor,
-                      HeadSampler(provider.sampler))
-    parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
-                         trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "value")]))
-    error = ValueError("the engine failed")
-    for make in (lambda: tracing.tracer.start_span("POST", context=trace.set_span_in_context(NonRecordingSpan(parent)),
-                                                   kind=SpanKind.SERVER),
-                 lambda: tracing.server_span("POST", parent)):
-        span = make()
-        with trace.use_span(span, end_on_exit=False):
-            child = tracing.tracer.start_span("chat model")  # the generation span, under the current span
-            child.end()
-        span.set_attributes({"http.request.method": "POST", "server.port": 8000})
-        span.set_attribute("user.id", "u-1")
-        span.add_event("gen_ai.first_token", {"n": 1})
-        span.update_name("POST /v1/chat/completions")
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR))
-        span.set_status(StatusCode.OK)
-        span.set_status(StatusCode.ERROR, "ignored: OK is final")
-        span.end()
-        span.end()  # a second end records nothing more
-    sdk_child, theirs, our_child, ours = exporter.get_finished_spans()
-    assert isinstance(make(), ServerSpan)
-    assert our_child.parent == ours.context and sdk_child.parent == theirs.context
-    assert ours.context.trace_id == theirs.context.trace_id == parent.trace_id
-    assert ours.context.trace_state == parent.trace_state and ours.parent == parent
-    encoded = []
-    for span in (theirs, ours):
-        message = encode_spans([span]).resource_spans[0]
-        one = message.scope_spans[0].spans[0]
-        for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
-            one.ClearField(field)
-        for event in one.events:
-            event.ClearField("time_unix_nano")
-            for kv in event.attributes:
-                if kv.key == "exception.stacktrace":
-                    kv.value.string_value = ""
-        encoded.append(message)
-    assert encoded[0] == encoded[1]
-    assert ours.status.status_code == StatusCode.OK
 
 
 def test_unsampled_requests_carry_the_trace_onward_and_record_nothing():
