@@ -192,7 +192,7 @@ class ExportProcess(SpanProcessor):
         while time.monotonic() < deadline:
             with self.lock:
                 self._write()
-                if process is not self.process:
+                if process is not self.process or not self._alive():
                     return False  # the export process died: what it held is lost (counted)
             with self.answered:
                 if self.answered.wait_for(lambda: self.flushes >= expected, timeout=0.05):
@@ -349,7 +349,10 @@ def main() -> None:
             break
         size = int.from_bytes(header, "little")
         if size:
-            for entry in marshal.loads(stdin.read(size)):
+            data = stdin.read(size)
+            if len(data) < size:
+                break  # the service ended in the middle of a frame
+            for entry in marshal.loads(data):
                 processor.on_end(rebuild(entry, resource))
         else:
             processor.force_flush()

@@ -276,6 +276,33 @@ def test_a_dead_export_process_loses_only_what_it_held_and_is_started_again(monk
         sink.server_close()
 
 
+def test_while_a_dead_export_process_waits_to_be_restarted_spans_are_counted_and_flush_says_so(caplog):
+    """Killed less than RESTART_DELAY after it started: not restarted yet; spans meanwhile are dropped and counted,
+    and a flush answers False at once instead of waiting out its timeout."""
+    import signal
+    import time
+
+    from conftest import base_settings
+
+    from inference.telemetry import Metrics, create_tracing
+
+    metrics = Metrics()
+    tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint="http://127.0.0.1:9"), metrics)
+    try:
+        process = tracing.processor.process
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for _ in range(3):
+            tracing.tracer.start_span("lost").end()
+        started = time.perf_counter()
+        assert not tracing.processor.force_flush(30_000)
+        assert time.perf_counter() - started < 5
+        assert metrics.registry.get_sample_value("inference_spans_dropped_total") == 3
+        assert tracing.processor.process is process  # restarted only once RESTART_DELAY has passed
+    finally:
+        tracing.shutdown()
+
+
 def test_an_export_process_that_stops_reading_never_blocks_the_service(monkeypatch, caplog):
     """The export process stopped (SIGSTOP): the pipe fills, then the backlog (MAX_UNSENT bytes); spans past it
     are dropped and counted, without the service ever waiting. Resumed, it exports everything it was given."""
