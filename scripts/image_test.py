@@ -10,7 +10,9 @@ Steps:
   3. `podman run` as a cluster would: read-only root filesystem with only /tmp writable, the image's non-root
      user, every capability dropped, no new privileges, host network with a real redis-server on the host;
   4. checks: ready without downloading anything, an inference answers, the repeat is an `X-Cache: HIT` whose
-     entry is in Redis, /metrics answers, and SIGTERM stops the container cleanly well before a grace period.
+     entry is in Redis, /metrics answers, the request's trace reaches an OTLP/HTTP collector on the host (spans
+     leave through the export process, `python -m inference.export`, inside the container), and SIGTERM stops
+     the container cleanly well before a grace period.
      With --upstream, the upstream-only image (build argument BACKEND=openai) is built too and run as a gateway
      in front of the first container.
 
@@ -28,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -197,9 +200,11 @@ def logs(name: str) -> str:
     return run("podman", "logs", name, capture_output=True, text=True, check=False).stderr
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Message, bytes]:
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60,
+         headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.headers, response.read()
@@ -235,13 +240,54 @@ def stop_cleanly(name: str) -> tuple[float, int]:
     return time.monotonic() - started, code
 
 
-def check_serving_image(tag: str, redis_port: int, name: str) -> str:
-    """Run the embedded-model image against Redis; returns its URL (the container keeps running)."""
+class Collector:
+    """An OTLP/HTTP trace collector on the host: the names of the spans it receives, by trace id."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        spans = self.spans = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            spans.setdefault(span.trace_id.hex(), []).append(span.name)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, trace_id: str, names: set[str], timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not names <= set(self.spans.get(trace_id, ())):
+            time.sleep(0.1)
+        return self.spans.get(trace_id, [])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def check_serving_image(tag: str, redis_port: int, name: str, collector: Collector) -> str:
+    """Run the embedded-model image against Redis, tracing to `collector`; returns its URL (the container keeps
+    running)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # An index nobody listens on: a download attempt would fail at once rather than pass unnoticed.
     start_container(tag, name, {"PORT": str(port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                                "RATE_LIMIT_PER_MINUTE": "600", "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+                                "RATE_LIMIT_PER_MINUTE": "600", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "200"})
     ready = wait_ready(url, name, timeout=180)
     say(f"ready in {ready:.1f} s")
     log = logs(name)
@@ -265,6 +311,12 @@ def check_serving_image(tag: str, redis_port: int, name: str) -> str:
     status, _, metrics = http("GET", f"{url}/metrics")
     check(status == 200 and b'inference_cache_requests_total{result="hit"} 1.0' in metrics,
           "/metrics answers and counts the hit")
+    trace_id = os.urandom(16).hex()
+    status, _, _ = http("POST", f"{url}/api/v1/infer", body,
+                        headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"})
+    names = collector.wait_for(trace_id, {"POST /api/v1/infer", "rate_limit", "cache lookup"}, timeout=30)
+    check(status == 200 and {"POST /api/v1/infer", "rate_limit", "cache lookup"} <= set(names),
+          f"the request's trace reaches the collector from the export process in the container ({sorted(names)})")
     return url
 
 
@@ -302,7 +354,7 @@ def main() -> int:
     report: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="image-test-") as tmp:
         workdir = Path(tmp)
-        redis = None
+        redis = collector = None
         try:
             ensure_base(args.mirror, args.pull_base)
             seconds = build(args.tag, backend="llama", workdir=workdir)
@@ -314,7 +366,8 @@ def main() -> int:
                                             "size_mb": image_size(gateway_tag) / 1e6}
             redis_port = free_port()
             redis = start_redis(redis_port, workdir)
-            url = check_serving_image(args.tag, redis_port, names[0])
+            collector = Collector()
+            url = check_serving_image(args.tag, redis_port, names[0], collector)
             if args.upstream:
                 check_gateway_image(gateway_tag, url, redis_port, names[1])
                 elapsed, code = stop_cleanly(names[1])
@@ -329,6 +382,8 @@ def main() -> int:
             print(f"image test FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
+            if collector is not None:
+                collector.close()
             if redis is not None:
                 redis.terminate()
                 redis.wait()
