@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 KINDS = list(SpanKind)
 STATUSES = {code.value: code for code in StatusCode}
-UNSET = StatusCode.UNSET.value
 
 # A record: one finished span as plain values (what `marshal` writes), in this order.
 # (name, kind, trace id, span id, trace flags, trace state header, parent span id (0: none), parent is remote,
@@ -49,21 +48,29 @@ UNSET = StatusCode.UNSET.value
 Record = tuple
 
 
+def span_record(name: str, kind: int, context: SpanContext, parent: SpanContext | None, start: int, end: int,
+                attributes: Any, events: tuple[Any, ...] | None, status: int, description: str | None,
+                scope: tuple[Any, ...] | None, links: tuple[Any, ...] | None = None,
+                dropped: tuple[int, int, int] | None = None) -> Record:
+    """A record from a span's parts (the service's own spans, telemetry.RecordedSpan, and the SDK's, `record`)."""
+    return (name, kind, context.trace_id, context.span_id, int(context.trace_flags), _state(context.trace_state),
+            parent.span_id if parent is not None else 0, parent is not None and parent.is_remote, start, end,
+            attributes or None, events, links, status, description, dropped, scope)
+
+
 def record(span: ReadableSpan) -> Record:
     """The record of a span the SDK finished."""
-    context, parent, scope = span.context, span.parent, span.instrumentation_scope
-    return (
-        span.name, span.kind.value, context.trace_id, context.span_id, int(context.trace_flags),
-        _state(context.trace_state), parent.span_id if parent is not None else 0,
-        parent is not None and parent.is_remote, span.start_time, span.end_time,
+    scope = span.instrumentation_scope
+    return span_record(
+        span.name, span.kind.value, span.context, span.parent, span.start_time, span.end_time,
         dict(span.attributes) if span.attributes else None,
         tuple((e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in span.events) or None,
+        span.status.status_code.value, span.status.description,
+        scope and (scope.name, scope.version, scope.schema_url, dict(scope.attributes) if scope.attributes else None),
         tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags),
                _state(link.context.trace_state), link.context.is_remote,
                dict(link.attributes) if link.attributes else None) for link in span.links) or None,
-        span.status.status_code.value, span.status.description,
         (span.dropped_attributes, span.dropped_events, span.dropped_links),
-        scope and (scope.name, scope.version, scope.schema_url, dict(scope.attributes) if scope.attributes else None),
     )
 
 
@@ -111,15 +118,6 @@ def rebuild(entry: Record, resource: Any) -> ReadableSpan:
               for t, s, f, h, r, a in links or ()),
         KINDS[kind], status=Status(STATUSES[status], description), start_time=start, end_time=end,
         instrumentation_scope=scope, dropped=dropped or (0, 0, 0))
-
-
-def child_record(name: str, parent: SpanContext, span_id: int, attributes: dict[str, Any], start: int, end: int,
-                 status: int, description: str | None, events: tuple[Any, ...] | None,
-                 scope: tuple[Any, ...]) -> Record:
-    """The record of an INTERNAL span under `parent`, made without the SDK (telemetry.span)."""
-    return (name, 0, parent.trace_id, span_id, int(parent.trace_flags), _state(parent.trace_state),
-            parent.span_id, parent.is_remote, start, end, attributes or None, events, None, status, description,
-            None, scope)
 
 
 class Drops:

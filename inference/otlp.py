@@ -127,10 +127,6 @@ def _encode_attributes(out: Any, attributes: Any) -> None:
             out.add(key=key).value.CopyFrom(encoded)
 
 
-def result(success: bool) -> SpanExportResult:
-    return SpanExportResult.SUCCESS if success else SpanExportResult.FAILURE
-
-
 def http_exporter(endpoint: str) -> Any:
     """The SDK's OTLP/HTTP span exporter (headers, compression, timeouts, retries and certificates from the
     OTEL_EXPORTER_OTLP_* environment as usual), encoding with `encode_spans` above."""
@@ -148,7 +144,7 @@ def http_exporter(endpoint: str) -> Any:
                 return SpanExportResult.FAILURE
             if len(data) > getattr(self, "_max_request_size", len(data)):
                 return super().export(spans)  # the SDK says why it drops the batch
-            return result(client.export(data).success)
+            return SpanExportResult.SUCCESS if client.export(data).success else SpanExportResult.FAILURE
 
     return HttpSpanExporter(endpoint=endpoint)
 

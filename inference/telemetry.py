@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import SERVICE_NAME, __version__
 from .config import Settings
-from .export import child_record
+from .export import span_record
 from .http import Scope
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Metrics:
         self.stalls = Counter("inference_engine_stalls", "Times the watchdog found the engine stalled",
                               registry=registry)
         self.spans_dropped = Counter("inference_spans_dropped",
-                                     "Spans dropped because the trace export queue was full (OTEL_BSP_MAX_QUEUE_SIZE)",
+                                     "Trace spans dropped because export fell behind (the pipe to the export process or its "
+                                     "queue, OTEL_BSP_MAX_QUEUE_SIZE, full) or the export process died",
                                      registry=registry)
         self.model_info = Gauge("inference_model_info", "The served model (value 1)",
                                 ["model", "revision", "backend"], registry=registry)
@@ -113,38 +114,6 @@ class _NoSpan:
 NO_SPAN = _NoSpan()
 
 
-class _Child:
-    """A child span of the request's span that lives only inside a `with` block, recorded without the SDK's span
-    machinery: its attributes gather in a dict, and at the end one finished span (the SDK's `ReadableSpan`) goes
-    to the export process as a record (export.py). The SDK's `start_span` costs 13-15 us a span here (sampler, locks,
-    bounded attribute maps, a snapshot copy at the end), this about 2; what reaches the exporter is the same span. It is never made
-    current: nothing under the request's children starts spans of its own. An exception is recorded as an event
-    and sets the status, as `start_as_current_span` would."""
-
-    __slots__ = ("tracing", "parent", "name", "attributes", "start")
-
-    def __init__(self, tracing: "Tracing", parent: trace.SpanContext, name: str, attributes: dict[str, Any]) -> None:
-        self.tracing = tracing
-        self.parent = parent
-        self.name = name
-        self.attributes = attributes
-
-    def __enter__(self) -> "_Child":
-        self.start = time.time_ns()
-        return self
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        end = time.time_ns()
-        if exc is None:
-            self.tracing.emit(self.name, self.parent, self.attributes, self.start, end)
-        else:
-            self.tracing.emit(self.name, self.parent, self.attributes, self.start, end, StatusCode.ERROR.value,
-                              f"{kind.__name__}: {exc}", (("exception", end, _exception_attributes(exc)),))  # type: ignore[union-attr]
-
-
 def _exception_attributes(exc: BaseException) -> dict[str, str]:
     """The attributes of the event the SDK's `Span.record_exception` adds."""
     module, name = type(exc).__module__, type(exc).__qualname__
@@ -152,17 +121,19 @@ def _exception_attributes(exc: BaseException) -> dict[str, str]:
         "exception.type": f"{module}.{name}" if module and module != "builtins" else name,
         "exception.message": str(exc),
         "exception.stacktrace": "".join(traceback.format_exception(exc)),
-        "exception.escaped": "False",
     }
 
 
 def span(scope: Scope, tracing: "Tracing", name: str, **attributes: Any) -> Any:
-    """A child of the request's span for a `with` block, or NO_SPAN when the request is not recorded (its
+    """A child of the request's span for a `with` block (an INTERNAL RecordedSpan, never made current: nothing
+    under the request's children starts spans of its own), or NO_SPAN when the request is not recorded (its
     children would not be either: the SDK's samplers decide per trace) or not traced at all."""
     parent = scope.get(SPAN_KEY)
     if parent is None or tracing.processor is None or not parent.is_recording():
         return NO_SPAN
-    return _Child(tracing, parent.get_span_context(), name, attributes)
+    context = parent.get_span_context()
+    return RecordedSpan(tracing, trace.SpanContext(context.trace_id, _span_id(), False, context.trace_flags,
+                                                   context.trace_state), context, name, INTERNAL, attributes)
 
 
 def exemplar(span: trace.Span | None = None) -> dict[str, str] | None:
@@ -186,27 +157,37 @@ def trace_id(span: trace.Span | None) -> str | None:
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
-class ServerSpan(trace.Span):
-    """A request's recorded SERVER span, without the SDK's span machinery (as `_Child`): the span API the service
-    uses, attributes gathered in a dict, one record to the export process at the end. The generation span, the
-    upstream backend's `traceparent` and log lines use it through the context as any span. Unlike the SDK's span
-    it applies no attribute limits (OTEL_SPAN_*_LIMIT): the service sets a fixed, small set of attributes."""
+class RecordedSpan(trace.Span):
+    """A recorded span without the SDK's span machinery: a sampled request's SERVER span (`Tracing.server_span`)
+    and its children (`span`). The SDK's `start_span` costs 13-15 us a span here (sampler, locks, bounded attribute
+    maps, a snapshot copy at the end); this gathers attributes in a dict and hands one record to the export process
+    at the end (export.py): the span the SDK would have recorded (tests compare them). The generation span (the
+    SDK's), the upstream backend's `traceparent` and log lines use it through the context as any span. Used as a
+    context manager it records an escaping exception and sets the status, as `start_as_current_span` does. Unlike
+    the SDK's span it applies no attribute limits (OTEL_SPAN_*_LIMIT): the service sets a fixed, small set."""
 
-    __slots__ = ("tracing", "context", "parent", "name", "attributes", "start", "status", "description", "events",
-                 "ended")
+    __slots__ = ("tracing", "context", "parent", "name", "kind", "attributes", "start", "status", "description",
+                 "events", "ended")
 
     def __init__(self, tracing: "Tracing", context: trace.SpanContext, parent: trace.SpanContext | None,
-                 name: str) -> None:
+                 name: str, kind: int, attributes: dict[str, Any] | None = None) -> None:
         self.tracing = tracing
         self.context = context
         self.parent = parent
         self.name = name
-        self.attributes: dict[str, Any] = {}
+        self.kind = kind
+        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.start = time.time_ns()
         self.status = StatusCode.UNSET
         self.description: str | None = None
         self.events: list[tuple[str, int, Any]] = []
         self.ended = False
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.record_exception(exc)
+            self.set_status(StatusCode.ERROR, f"{kind.__name__}: {exc}")  # type: ignore[union-attr]
+        self.end()
 
     def get_span_context(self) -> trace.SpanContext:
         return self.context
@@ -237,7 +218,7 @@ class ServerSpan(trace.Span):
     def record_exception(self, exception: BaseException, attributes: Any = None, timestamp: int | None = None,
                          escaped: bool = False) -> None:
         recorded = _exception_attributes(exception)
-        recorded["exception.escaped"] = str(escaped)
+        recorded["exception.escaped"] = str(escaped)  # after the others, in the SDK's order
         if attributes:
             recorded.update(attributes)
         self.add_event("exception", recorded, timestamp)
@@ -246,15 +227,12 @@ class ServerSpan(trace.Span):
         if self.ended:
             return
         self.ended = True
-        context, parent = self.context, self.parent
-        self.tracing.processor.add((
-            self.name, SERVER_KIND, context.trace_id, context.span_id, int(context.trace_flags),
-            context.trace_state.to_header() if context.trace_state else "", parent.span_id if parent else 0,
-            parent is not None and parent.is_remote, self.start, end_time or time.time_ns(), self.attributes or None,
-            tuple(self.events) or None, None, self.status.value, self.description, None, SCOPE))
+        self.tracing.processor.add(span_record(
+            self.name, self.kind, self.context, self.parent, self.start, end_time or time.time_ns(), self.attributes,
+            tuple(self.events) or None, self.status.value, self.description, SCOPE))
 
 
-SERVER_KIND = trace.SpanKind.SERVER.value
+SERVER, INTERNAL = trace.SpanKind.SERVER.value, trace.SpanKind.INTERNAL.value
 
 
 class HeadSampler:
@@ -291,11 +269,11 @@ class HeadSampler:
 class Tracing:
     tracer: trace.Tracer
     provider: Any = None  # the SDK's TracerProvider, or None when nothing is exported
-    processor: Any = None  # its span processor (export.ExportProcess), which `emit` feeds directly
+    processor: Any = None  # its span processor (export.ExportProcess), which RecordedSpans feed directly
     sampler: HeadSampler | None = None
 
     def server_span(self, name: str, parent: trace.SpanContext | None) -> trace.Span:
-        """The request's SERVER span under the caller's `parent` (None: a new trace): a ServerSpan when sampled,
+        """The request's SERVER span under the caller's `parent` (None: a new trace): a RecordedSpan when sampled,
         else a span that records nothing but carries the trace id and the unsampled flag onward."""
         sampler = self.sampler
         if sampler is None or not sampler.decides:
@@ -304,14 +282,9 @@ class Tracing:
         trace_id = parent.trace_id if parent is not None else _trace_id()
         state = parent.trace_state if parent is not None else None
         if sampler.sampled(trace_id, parent):
-            return ServerSpan(self, trace.SpanContext(trace_id, _span_id(), False, SAMPLED, state), parent, name)
+            return RecordedSpan(self, trace.SpanContext(trace_id, _span_id(), False, SAMPLED, state), parent, name,
+                                SERVER)
         return trace.NonRecordingSpan(trace.SpanContext(trace_id, _span_id(), False, UNSAMPLED, state))
-
-    def emit(self, name: str, parent: trace.SpanContext, attributes: dict[str, Any], start: int, end: int,
-             status: int = 0, description: str | None = None, events: tuple[Any, ...] | None = None) -> None:
-        """Record a finished INTERNAL span under `parent` (sampled: the caller checked that it is recorded)."""
-        self.processor.add(child_record(name, parent, _span_id(), attributes, start, end, status, description,
-                                        events, SCOPE))
 
     def shutdown(self) -> None:
         """Export the spans still batched, then stop the export process."""
@@ -343,7 +316,7 @@ def _span_id() -> int:
 
 def create_tracing(settings: Settings, metrics: Metrics | None = None) -> Tracing:
     """An SDK tracer exporting over OTLP in batches, or a no-op tracer when tracing is off or has nowhere to go.
-    Spans dropped because the export queue is full are counted in `metrics`."""
+    Spans dropped on the way (export.py) are counted in `metrics`."""
     if not settings.otel_enabled or not settings.otel_exporter_otlp_endpoint:
         return Tracing(trace.NoOpTracer())
     from opentelemetry.sdk.trace import TracerProvider

@@ -169,9 +169,9 @@ def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
 
 
 def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
-    """A sampled request's ServerSpan: what the SDK's server span would have recorded, the generation span under
+    """A sampled request's RecordedSpan: what the SDK's server span would have recorded, the generation span under
     it, the same status rules."""
-    from inference.telemetry import ServerSpan
+    from inference.telemetry import RecordedSpan
 
     exporter, tracing = recorder()
     parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
@@ -195,7 +195,7 @@ def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
         span.end()
         span.end()  # a second end records nothing more
     sdk_child, theirs, our_child, ours = exporter.get_finished_spans()
-    assert isinstance(make(), ServerSpan)
+    assert isinstance(make(), RecordedSpan)
     assert our_child.parent == ours.context and sdk_child.parent == theirs.context
     assert ours.context.trace_id == theirs.context.trace_id == parent.trace_id
     assert ours.context.trace_state == parent.trace_state and ours.parent == parent

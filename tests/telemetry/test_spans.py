@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from inference import SERVICE_NAME, __version__
-from inference.telemetry import HeadSampler, ServerSpan, Tracing
+from inference.telemetry import HeadSampler, RecordedSpan, Tracing
 
 BUILT_IN = {
     "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
@@ -53,7 +53,7 @@ def test_any_other_sampler_is_left_to_the_sdk():
     tracing = Tracing(provider.get_tracer(SERVICE_NAME, __version__), provider, None, HeadSampler(custom))
     parent = remote(0x1234, False)
     span = tracing.server_span("POST", parent)
-    assert not isinstance(span, ServerSpan) and span.is_recording()  # the SDK applied the custom delegate
+    assert not isinstance(span, RecordedSpan) and span.is_recording()  # the SDK applied the custom delegate
     assert span.get_span_context().trace_id == 0x1234 and span.parent == parent
     assert not tracing.server_span("POST", None).is_recording()
 
@@ -68,4 +68,4 @@ def test_unsampled_requests_carry_the_trace_onward_and_record_nothing():
     assert context.trace_id == 0xABC and context.span_id != parent.span_id and context.is_valid
     root = tracing.server_span("POST", None).get_span_context()
     assert root.is_valid and not root.trace_flags.sampled
-    assert isinstance(tracing.server_span("POST", remote(0xABC, True)), ServerSpan)  # the caller's choice
+    assert isinstance(tracing.server_span("POST", remote(0xABC, True)), RecordedSpan)  # the caller's choice

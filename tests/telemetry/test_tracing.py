@@ -152,11 +152,17 @@ def test_an_unsampled_request_records_nothing_and_a_sampled_one_does(engine, otl
                                     [*JSON, ("traceparent", f"00-{unsampled_trace}-{CALLER_SPAN}-00")])
             loud = await call_asgi(app, "POST", "/api/v1/infer", body,
                                    [*JSON, ("traceparent", f"00-{sampled_trace}-{CALLER_SPAN}-01")])
-        return quiet, loud
+            # A traceparent that is not one (garbage, an all-zero trace id) is ignored: a trace of its own.
+            odd = [await call_asgi(app, "GET", "/health", headers=[("traceparent", value)])
+                   for value in ("garbage", f"00-{'0' * 32}-{CALLER_SPAN}-01")]
+        return quiet, loud, odd
 
-    quiet, loud = asyncio.run(scenario())
-    assert quiet.status == loud.status == 200
-    spans = otlp.wait_for(lambda spans: any(s.trace_id.hex() == sampled_trace for s in spans))
+    quiet, loud, odd = asyncio.run(scenario())
+    assert quiet.status == loud.status == 200 and [r.status for r in odd] == [200, 200]
+    spans = otlp.wait_for(lambda spans: any(s.trace_id.hex() == sampled_trace for s in spans)
+                          and sum(s.name == "GET /health" for s in spans) == 2)
+    roots = [s for s in spans if s.name == "GET /health"]
+    assert all(not s.parent_span_id and s.trace_id.hex() not in ("0" * 32, sampled_trace) for s in roots)
     assert not [s for s in spans if s.trace_id.hex() == unsampled_trace]  # no server span, no child spans
     assert {s.name for s in spans if s.trace_id.hex() == sampled_trace} >= {"POST /api/v1/infer", "rate_limit",
                                                                             "cache lookup"}
