@@ -166,8 +166,12 @@ class RecordedSpan(trace.Span):
     context manager it records an escaping exception and sets the status, as `start_as_current_span` does. Unlike
     the SDK's span it applies no attribute limits (OTEL_SPAN_*_LIMIT): the service sets a fixed, small set."""
 
-    __slots__ = ("tracing", "context", "parent", "name", "kind", "attributes", "start", "status", "description",
-                 "events", "ended")
+    __slots__ = ("tracing", "context", "parent", "name", "kind", "attributes", "start")
+    # Set on the instance only when they change: most spans end as they started.
+    status = StatusCode.UNSET
+    description: str | None = None
+    events: tuple[tuple[str, int, Any], ...] = ()
+    ended = False
 
     def __init__(self, tracing: "Tracing", context: trace.SpanContext, parent: trace.SpanContext | None,
                  name: str, kind: int, attributes: dict[str, Any] | None = None) -> None:
@@ -178,10 +182,6 @@ class RecordedSpan(trace.Span):
         self.kind = kind
         self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.start = time.time_ns()
-        self.status = StatusCode.UNSET
-        self.description: str | None = None
-        self.events: list[tuple[str, int, Any]] = []
-        self.ended = False
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
@@ -202,7 +202,7 @@ class RecordedSpan(trace.Span):
         self.attributes.update(attributes)
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
-        self.events.append((name, timestamp or time.time_ns(), dict(attributes) if attributes else None))
+        self.events += ((name, timestamp or time.time_ns(), dict(attributes) if attributes else None),)
 
     def update_name(self, name: str) -> None:
         self.name = name
@@ -229,7 +229,7 @@ class RecordedSpan(trace.Span):
         self.ended = True
         self.tracing.processor.add(span_record(
             self.name, self.kind, self.context, self.parent, self.start, end_time or time.time_ns(), self.attributes,
-            tuple(self.events) or None, self.status.value, self.description, SCOPE))
+            self.events or None, self.status.value, self.description, SCOPE))
 
 
 SERVER, INTERNAL = trace.SpanKind.SERVER.value, trace.SpanKind.INTERNAL.value
