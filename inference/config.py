@@ -213,6 +213,8 @@ class Settings:
     model_cache_dir: Path = default_model_cache_dir()
     n_ctx: int = 2048
     n_threads: int = 0
+    llama_extra_buffers: str = "auto"
+    test_only_crash_with_extra_buffers: bool = False
     max_body_bytes: int = 1024 * 1024
     body_timeout_seconds: float = 30.0
     max_tokens_limit: int = 1024
@@ -312,6 +314,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "model_cache_dir": _directory,
     "n_ctx": _int(64, 1 << 20),
     "n_threads": _int(0, 1024),
+    "llama_extra_buffers": _choice(("auto", "on", "off")),
+    "test_only_crash_with_extra_buffers": _bool,
     "max_body_bytes": _int(1024),
     "body_timeout_seconds": _float(0.1, 3600),
     "max_tokens_limit": _int(1),

@@ -31,6 +31,7 @@ from ..base import (
     ModelInfo,
     TokenLogprob,
 )
+from .native import crash, load_model, use_extra_buffers
 from .scheduler import Scheduler, TokenLogprobs
 from .sequence import Finished, Sequence
 
@@ -143,8 +144,12 @@ class LlamaEngine:
         max_concurrent: int = 8,
         queue_timeout: float | None = None,
         sha256: str | None = None,
+        extra_buffers: str = "auto",
+        crash_test: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
+        self.extra_buffers = extra_buffers  # LLAMA_EXTRA_BUFFERS: auto, on, off (native.py)
+        self.crash_test = crash_test  # TEST_ONLY_CRASH_WITH_EXTRA_BUFFERS
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_queued = max_queued
@@ -198,15 +203,17 @@ class LlamaEngine:
         return self._scheduler.prompt_tokens_reused if self._scheduler is not None else 0
 
     def load(self) -> None:
-        from llama_cpp import Llama, llama_cpp
+        from llama_cpp import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         sha256 = self._sha256 or file_sha256(self.model_path)
+        extra_buffers = use_extra_buffers(self.extra_buffers, self.model_path, crash_test=self.crash_test)
         # llama.cpp's own default is half the cores; generation is compute-bound, so all of them is faster
         # (measured: 40 -> 70 tokens/s on 2 cores) and the event loop still answers between tokens.
         threads = self.n_threads or len(os.sched_getaffinity(0))
-        # The Llama object provides the weights, tokenizer and metadata; its own context stays tiny and unused.
-        llm = Llama(model_path=str(self.model_path), n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+        llm = load_model(self.model_path, extra_buffers=extra_buffers)
+        if self.crash_test and extra_buffers:
+            crash()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx * self.max_concurrent
         params.n_batch = params.n_ubatch = 512
@@ -217,11 +224,11 @@ class LlamaEngine:
         # Measured here on 2 cores: flash attention (which "auto" leaves off on CPU) decodes 8 sequences at once
         # about 20% faster, and one about 10%.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {self.max_concurrent} x {self.n_ctx} tokens")
-        meta = llm.metadata
-        model = llm._model  # llama-cpp-python has no public accessor for the vocab or parameter count
+        meta = llm.metadata()
+        model = llm
         eos, bos = llm.token_eos(), llm.token_bos()
         template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
         eos_text, bos_text = model.token_get_text(eos) if eos != -1 else "", model.token_get_text(bos) if bos != -1 else ""
@@ -261,6 +268,9 @@ class LlamaEngine:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
 
     # --- request side (event loop) -------------------------------------------------------------
 
