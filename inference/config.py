@@ -215,6 +215,8 @@ class Settings:
     n_threads: int = 0
     llama_extra_buffers: str = "auto"
     test_only_crash_with_extra_buffers: bool = False
+    engine_crash_loop_deaths: int = 3
+    engine_crash_loop_seconds: float = 60.0
     max_body_bytes: int = 1024 * 1024
     body_timeout_seconds: float = 30.0
     max_tokens_limit: int = 1024
@@ -316,6 +318,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "n_threads": _int(0, 1024),
     "llama_extra_buffers": _choice(("auto", "on", "off")),
     "test_only_crash_with_extra_buffers": _bool,
+    "engine_crash_loop_deaths": _int(1, 1000),
+    "engine_crash_loop_seconds": _float(1, 86400),
     "max_body_bytes": _int(1024),
     "body_timeout_seconds": _float(0.1, 3600),
     "max_tokens_limit": _int(1),

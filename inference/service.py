@@ -19,6 +19,7 @@ from .engine.base import (
     EngineError,
     EngineNotReady,
     EngineOverloaded,
+    EngineRestarted,
     Generation,
     GenerationRequest,
     InvalidPrompt,
@@ -72,6 +73,8 @@ class Service:
             Policy("tokens", settings.rate_limit_tokens_per_minute, 60, settings.rate_limit_tokens_per_minute)
             if settings.rate_limit_enabled and settings.rate_limit_tokens_per_minute else None
         )
+        if hasattr(engine, "on_restart"):
+            engine.on_restart = lambda cause: self.metrics.engine_restarts.labels(cause).inc()
         self._background: set[asyncio.Task[None]] = set()
         self.state = "loading"
         self.reason: str | None = "the model is loading"
@@ -157,6 +160,9 @@ class Service:
     @property
     def readiness(self) -> tuple[str, str | None]:
         """("ready", None), or the state and why not: loading, failed, stalled, draining, stopping."""
+        health = getattr(self.engine, "health", None)  # the engine process: restarting, or failed for good
+        if self.state in ("ready", "draining") and health is not None and (self.state == "ready" or health[0] == "failed"):
+            return health
         if self.state == "ready" and self.stalled:
             return "stalled", (f"the engine has made no progress for {self.settings.watchdog_seconds:g} s with "
                                "requests in flight")
@@ -193,7 +199,12 @@ class Service:
         return self.settings.served_model_name or self.engine.info.name
 
     def model(self) -> ModelInfo:
-        """The served model, or 503 while it is not ready."""
+        """The served model, or 503 while it is not ready (a restarting engine process is: what arrives waits for
+        the new one)."""
+        health = getattr(self.engine, "health", None)
+        if health is not None and health[0] == "failed":
+            raise HTTPError(503, "model_not_ready", health[1] or "the engine failed",
+                            headers={"Retry-After": NOT_READY_RETRY_AFTER})
         if not self.ready:
             raise HTTPError(503, "model_not_ready", self.reason or "the model is not ready",
                             headers={"Retry-After": NOT_READY_RETRY_AFTER})
@@ -409,6 +420,8 @@ def engine_http_error(exc: EngineError) -> HTTPError:
         return HTTPError(503, "queue_timeout", str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, RequestTimeout):
         return HTTPError(504, "timeout", str(exc))
+    if isinstance(exc, EngineRestarted):
+        return HTTPError(503, "engine_restarted", str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineNotReady):
         return HTTPError(503, "model_not_ready", str(exc), headers={"Retry-After": NOT_READY_RETRY_AFTER})
     if isinstance(exc, UpstreamError):

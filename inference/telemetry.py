@@ -73,6 +73,9 @@ class Metrics:
                              registry=registry)
         self.stalls = Counter("inference_engine_stalls", "Times the watchdog found the engine stalled",
                               registry=registry)
+        self.engine_restarts = Counter("inference_engine_restarts",
+                                       "Deaths of the engine process by cause (a signal's name, or exit), each followed "
+                                       "by a restart unless it made a crash loop", ["cause"], registry=registry)
         self.spans_dropped = Counter("inference_spans_dropped",
                                      "Trace spans dropped because export fell behind (the pipe to the export process or its "
                                      "queue, OTEL_BSP_MAX_QUEUE_SIZE, full) or the export process died",

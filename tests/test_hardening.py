@@ -4,6 +4,7 @@ nothing accepted."""
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -85,23 +86,15 @@ def test_readiness_reports_a_stalled_engine_and_recovers(model_file):
                 generation = await app.service.generate(
                     (await _long_request(small)), client="ip:test")
                 await generation.__anext__()  # generating
-                held, release = threading.Event(), threading.Event()
-
-                def hold():  # the engine's loop cannot take its lock: no step, as if it hung
-                    with small._scheduler.lock:
-                        held.set()
-                        release.wait()
-
-                holder = threading.Thread(target=hold)
-                holder.start()
-                await asyncio.to_thread(held.wait)
-                seen = [await ready(app)]
-                while seen[-1][1] != "stalled":
-                    await asyncio.sleep(0.05)  # the watchdog samples on its own clock: nothing to await
-                    seen.append(await ready(app))
-                stalled_metric = app.service.metrics.stalled._value.get()
-                release.set()
-                await asyncio.to_thread(holder.join)
+                os.kill(small.pid, signal.SIGSTOP)  # the engine process takes no step, as if it hung
+                try:
+                    seen = [await ready(app)]
+                    while seen[-1][1] != "stalled":
+                        await asyncio.sleep(0.05)  # the watchdog samples on its own clock: nothing to await
+                        seen.append(await ready(app))
+                    stalled_metric = app.service.metrics.stalled._value.get()
+                finally:
+                    os.kill(small.pid, signal.SIGCONT)
                 while (await ready(app))[1] != "ready":
                     await asyncio.sleep(0.05)
                 await generation.aclose()

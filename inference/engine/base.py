@@ -84,6 +84,17 @@ class ModelInfo:
 class EngineError(Exception):
     """Base class of the errors an engine reports to the HTTP layer."""
 
+    def __reduce__(self) -> tuple:
+        # Across the engine process's pipe: the message and attributes as they are, whatever __init__ takes.
+        return (_rebuild_error, (type(self), str(self), self.__dict__))
+
+
+def _rebuild_error(cls: type[EngineError], message: str, state: dict) -> EngineError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class ContextLengthExceeded(EngineError):
     def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
@@ -127,6 +138,16 @@ class RequestTimeout(EngineError):
 
 class EngineNotReady(EngineError):
     """The model is not loaded (yet, or any more)."""
+
+
+class EngineRestarted(EngineError):
+    """The engine process died while this request was running; it is being restarted (requests that had not
+    started yet are kept and run on the new one)."""
+
+    def __init__(self, cause: str, retry_after: int = 5) -> None:
+        super().__init__(f"the engine process {cause} while this request was running; it is being restarted, "
+                         "retry shortly")
+        self.retry_after = retry_after
 
 
 class UpstreamError(EngineError):

@@ -1,20 +1,25 @@
-"""The embedded engine on the asyncio side: load the model, render and tokenize prompts, admit them, stream back.
+"""The embedded engine on the HTTP side: the client of the engine process (worker.py, supervisor.py).
 
-The event loop never runs model code. `generate` renders the chat template and tokenizes in a helper thread (so
-a long prompt cannot stall the loop), then hands the sequence to the scheduler (scheduler.py), whose thread owns
-the llama.cpp context and runs up to `max_concurrent` sequences together; pieces come back through
-`call_soon_threadsafe`. A client that goes away sets its sequence's cancel flag: the scheduler frees its slot at
-the next step, and a sequence still waiting is dropped before it runs.
+The HTTP process runs no llama.cpp compute. It loads the model's vocabulary only (tens of milliseconds, a few MB):
+`generate` renders the chat template and tokenizes in a helper thread (so a long prompt cannot stall the loop),
+checks the context length, refuses what cannot fit or the queue has no room for, then sends the prompt's tokens
+to the engine process, whose scheduler (scheduler.py) owns the llama.cpp context and runs up to `max_concurrent`
+sequences together. The engine's per-step messages come back on the supervisor's thread and reach each request's
+event loop through one `call_soon_threadsafe` per loop and step. A client that goes away sends a cancel: the
+scheduler frees its slot at the next step, and a sequence still waiting is dropped before it runs.
+
+When the engine process dies, the requests it was running end with EngineRestarted (503 `engine_restarted`, or
+an error event on a stream); the ones still waiting are kept here and sent to the new process once it is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import itertools
 import logging
-import os
 import random
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -23,17 +28,21 @@ from typing import Any, Callable
 
 from ..base import (
     ContextLengthExceeded,
+    EngineError,
     EngineNotReady,
     EngineOverloaded,
+    EngineRestarted,
     FinishReason,
     GenerationRequest,
     InvalidPrompt,
     ModelInfo,
     TokenLogprob,
 )
-from .native import crash, load_model, use_extra_buffers
-from .scheduler import Scheduler, TokenLogprobs
-from .sequence import Finished, Sequence
+from .admission import DrainRate
+from .native import load_model
+from .scheduler import TokenLogprobs
+from .sequence import Finished, Started
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,6 @@ FILE_TYPES = {
 }
 # Message boundaries (for exact prefix reuse) are worked out for chats up to this size; longer ones are
 # evaluated whole (still in the same pieces every time), so repeatability never depends on these limits.
-SWITCH_INTERVAL = 0.0005  # seconds
 BOUNDARY_MESSAGES = 32
 BOUNDARY_CHARS = 32_000
 
@@ -66,15 +74,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class LlamaGeneration:
-    """Text pieces of one request as the worker produces them; `aclose()` cancels the job."""
+class _Request:
+    """One sequence as the HTTP side knows it: where its items go, and what to send again after a restart."""
 
-    def __init__(self, sequence: Sequence, piece: Callable[[int], bytes]) -> None:
-        self._sequence = sequence
-        self._piece = piece
+    __slots__ = ("id", "job", "fields", "loop", "out", "started", "sent", "cancelled")
+
+    def __init__(self, id: int, job: int, fields: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.id, self.job, self.fields, self.loop = id, job, fields, loop
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.started = False  # left the engine's queue: a crash from here on ends it
+        self.sent = False  # the current engine process has it
+        self.cancelled = False
+
+
+class LlamaGeneration:
+    """Text pieces of one request as the engine produces them; `aclose()` cancels it."""
+
+    def __init__(self, request: _Request, engine: "LlamaEngine") -> None:
+        self._request = request
+        self._engine = engine
         self._done = False
         self._held: Any = None  # the item after a run of pieces, taken from the queue while joining them
-        self.prompt_tokens = len(sequence.tokens)
+        self.prompt_tokens = len(request.fields["tokens"])
         self.completion_tokens = 0
         self.reused_prompt_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -86,7 +107,7 @@ class LlamaGeneration:
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        out = self._sequence.out
+        out = self._request.out
         item = self._held if self._held is not None else await out.get()
         self._held = None
         while isinstance(item, TokenLogprobs):
@@ -114,21 +135,22 @@ class LlamaGeneration:
         raise item
 
     def _logprob(self, item: TokenLogprobs) -> None:
-        piece = self._piece
+        piece = self._engine.piece
         self.logprobs.append(TokenLogprob(piece(item.token), item.logprob,
                                           tuple((piece(token), logprob) for token, logprob in item.top)))
 
     def cancel(self) -> None:
-        self._sequence.cancelled.set()
+        self._engine.cancel(self._request)
 
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            self._sequence.cancelled.set()
+            self._engine.cancel(self._request)
 
 
 class LlamaEngine:
-    """An Engine backed by one llama.cpp context holding up to `max_concurrent` sequences at once.
+    """An Engine backed by one llama.cpp context, in a process of its own, holding up to `max_concurrent`
+    sequences at once.
 
     `n_ctx` is what one request may use (prompt + answer); each of the `max_concurrent` slots has a KV stream of
     that size, so the context holds `n_ctx` x `max_concurrent` tokens and an admitted request always fits.
@@ -146,24 +168,41 @@ class LlamaEngine:
         sha256: str | None = None,
         extra_buffers: str = "auto",
         crash_test: bool = False,
+        crash_loop_deaths: int = 3,
+        crash_loop_seconds: float = 60.0,
+        restart_retry_after: int = 5,
     ) -> None:
         self.model_path = Path(model_path)
-        self.extra_buffers = extra_buffers  # LLAMA_EXTRA_BUFFERS: auto, on, off (native.py)
-        self.crash_test = crash_test  # TEST_ONLY_CRASH_WITH_EXTRA_BUFFERS
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_queued = max_queued
         self.max_concurrent = max_concurrent
         self.queue_timeout = queue_timeout
+        self.extra_buffers = extra_buffers  # LLAMA_EXTRA_BUFFERS: auto, on, off (native.py, supervisor.py)
+        self.crash_test = crash_test  # TEST_ONLY_CRASH_WITH_EXTRA_BUFFERS
+        self.crash_loop_deaths = crash_loop_deaths
+        self.crash_loop_seconds = crash_loop_seconds
+        self.restart_retry_after = restart_retry_after
         self._sha256 = sha256
-        self._llm: Any = None
-        self._ctx: Any = None
+        self._vocab: Any = None
         self._formatter: Any = None
         self._prefix_formatter: Any = None
         self._info: ModelInfo | None = None
-        self._scheduler: Scheduler | None = None
-        self._thread: threading.Thread | None = None
+        self._supervisor: Supervisor | None = None
         self._closed = False
+        # The requests the engine process has or will have, by id; guarded by _lock (the event loops add and
+        # cancel, the supervisor's thread delivers and handles deaths).
+        self._lock = threading.Lock()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._jobs = itertools.count(1)
+        self._waiting = 0  # requests not started yet
+        self._drain = DrainRate()
+        # What the engine reports once per step; the _base_ counters hold what processes that died had reached.
+        self._steps = self._tokens = self._reused = 0
+        self._base_steps = self._base_tokens = self._base_reused = 0
+        # Called with the cause ("SIGSEGV", "SIGKILL", "exit") each time the engine process dies (the metric).
+        self.on_restart: Callable[[str], None] | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -177,100 +216,91 @@ class LlamaEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._scheduler.queue_depth if self._scheduler is not None else 0
+        return self._waiting
 
     @property
     def progress(self) -> int:
         """Steps the engine has taken (llama_decode calls): the watchdog's measure of it moving."""
-        return self._scheduler.steps if self._scheduler is not None else 0
+        return self._base_steps + self._steps
 
     @property
     def busy(self) -> bool:
-        return self._scheduler is not None and self._scheduler.busy
+        return bool(self._requests)
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._base_tokens + self._tokens
+
+    @property
+    def prompt_tokens_reused(self) -> int:
+        return self._base_reused + self._reused
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's pid (None before it starts)."""
+        return self._supervisor.pid if self._supervisor is not None else None
+
+    @property
+    def health(self) -> tuple[str, str | None] | None:
+        """None while the engine process serves; else ("restarting" | "failed", why)."""
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.state in ("starting", "ready", "closing", "stopped"):
+            return None
+        if supervisor.state == "failed":
+            return "failed", supervisor.reason
+        return "restarting", supervisor.reason
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return dict(self._supervisor.restarts) if self._supervisor is not None else {}
 
     def abort(self) -> None:
         """End every request in flight with an error (shutdown timeout) and refuse new ones."""
         self._closed = True
-        if self._scheduler is not None:
-            self._scheduler.stop()
-
-    @property
-    def tokens_generated(self) -> int:
-        return self._scheduler.tokens_generated if self._scheduler is not None else 0
-
-    @property
-    def prompt_tokens_reused(self) -> int:
-        return self._scheduler.prompt_tokens_reused if self._scheduler is not None else 0
+        if self._supervisor is not None and not self._supervisor.send(("abort",)):
+            self._fail_all(EngineNotReady("the service is shutting down"))
 
     def load(self) -> None:
-        from llama_cpp import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         sha256 = self._sha256 or file_sha256(self.model_path)
-        extra_buffers = use_extra_buffers(self.extra_buffers, self.model_path, crash_test=self.crash_test)
-        # llama.cpp's own default is half the cores; generation is compute-bound, so all of them is faster
-        # (measured: 40 -> 70 tokens/s on 2 cores) and the event loop still answers between tokens.
-        threads = self.n_threads or len(os.sched_getaffinity(0))
-        llm = load_model(self.model_path, extra_buffers=extra_buffers)
-        if self.crash_test and extra_buffers:
-            crash()
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx * self.max_concurrent
-        params.n_batch = params.n_ubatch = 512
-        params.n_seq_max = self.max_concurrent
-        params.kv_unified = False  # a KV stream per slot: a sequence's cells never depend on the others (scheduler.py)
-        params.n_threads = params.n_threads_batch = threads
-        params.no_perf = True
-        # Measured here on 2 cores: flash attention (which "auto" leaves off on CPU) decodes 8 sequences at once
-        # about 20% faster, and one about 10%.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        ctx = llama_cpp.llama_init_from_model(llm.model, params)
-        if not ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {self.max_concurrent} x {self.n_ctx} tokens")
-        meta = llm.metadata()
-        model = llm
-        eos, bos = llm.token_eos(), llm.token_bos()
+        vocab = load_model(self.model_path, vocab_only=True)
+        meta = vocab.metadata()
+        eos, bos = vocab.token_eos(), vocab.token_bos()
         template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        eos_text, bos_text = model.token_get_text(eos) if eos != -1 else "", model.token_get_text(bos) if bos != -1 else ""
+        eos_text, bos_text = vocab.token_get_text(eos) if eos != -1 else "", vocab.token_get_text(bos) if bos != -1 else ""
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
         self._prefix_formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text,
                                                      add_generation_prompt=False)
-        vocab = model.vocab
-        self._llm, self._ctx = llm, ctx
-        self._scheduler = Scheduler(
-            ctx, slots=self.max_concurrent, max_queued=self.max_queued, n_vocab=model.n_vocab(), vocab=vocab,
-            is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
-            piece=self._piece,
+        self._vocab = vocab
+        self._supervisor = Supervisor(
+            {"model_path": self.model_path, "n_ctx": self.n_ctx, "slots": self.max_concurrent,
+             "n_threads": self.n_threads, "max_queued": self.max_queued, "crash_test": self.crash_test,
+             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())},
+            extra_buffers=self.extra_buffers, crash_loop_deaths=self.crash_loop_deaths,
+            crash_loop_seconds=self.crash_loop_seconds, on_message=self._on_message, on_death=self._on_death,
+            on_ready=self._on_ready, on_failed=self._on_failed, on_restart=self._restarted,
         )
-        self._info = replace(_model_info(self.model_path, sha256, meta, self.n_ctx, model.n_params()),
-                             vocab_size=model.n_vocab())
-        # The scheduler thread needs the GIL for a moment between two llama_decode calls; with Python's default
-        # 5 ms switch interval it could wait that long for the event loop thread to let go, every step.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._scheduler.run, name="llama-scheduler", daemon=True)
-        self._thread.start()
-        log.info("loaded %s (%s, revision %s): %d sequences at once, %d tokens of context each", self._info.name,
-                 self._info.quantization, self._info.revision, self.max_concurrent, self.n_ctx)
+        self._supervisor.start()
+        self._info = replace(_model_info(self.model_path, sha256, meta, self.n_ctx,
+                                         self._supervisor.ready_info.get("n_params", 0)),
+                             vocab_size=vocab.n_vocab())
+        log.info("loaded %s (%s, revision %s): %d sequences at once, %d tokens of context each, in engine process %d",
+                 self._info.name, self._info.quantization, self._info.revision, self.max_concurrent, self.n_ctx,
+                 self._supervisor.pid)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)
 
     def shutdown(self) -> None:
-        """Refuse new work, fail what is queued, cancel what runs (within a step) and free the model."""
-        from llama_cpp import llama_cpp
-
+        """Refuse new work, end the engine process (what it holds fails with an error) and free the vocabulary."""
         self._closed = True
-        if self._scheduler is not None:
-            self._scheduler.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self._ctx is not None:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        if self._supervisor is not None:
+            self._supervisor.stop()
+        self._fail_all(EngineNotReady("the service is shutting down"))
+        if self._vocab is not None:
+            self._vocab.close()
+            self._vocab = None
 
     # --- request side (event loop) -------------------------------------------------------------
 
@@ -279,26 +309,151 @@ class LlamaEngine:
 
     async def generate_many(self, request: GenerationRequest, n: int) -> list[LlamaGeneration]:
         """`n` answers to one prompt: the first evaluates it, the others start from a copy of its KV cache."""
-        scheduler = self._scheduler
-        if scheduler is None or self._closed:
+        supervisor = self._supervisor
+        if supervisor is None or self._closed:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
+        if supervisor.state == "failed":
+            raise EngineNotReady(supervisor.reason or "the engine failed")
         # Refused before any rendering or tokenizing: overload must cost almost nothing.
-        if scheduler.queue_depth >= self.max_queued:
-            raise EngineOverloaded(scheduler.queue_depth, scheduler.retry_after())
+        if self._waiting >= self.max_queued:
+            raise EngineOverloaded(self._waiting, self.retry_after())
         tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
         base = params.seed if params.seed is not None else random.getrandbits(32)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        admission = {"client": request.client, "queued_at": now, "deadline": request.deadline,
-                     "queue_deadline": None if self.queue_timeout is None else now + self.queue_timeout}
-        sequences: list[Sequence] = []
+        job = next(self._jobs)
+        requests: list[_Request] = []
         for i in range(n):
             seed = base + i if params.seed is not None else (base if i == 0 else random.getrandbits(32))
-            sequences.append(Sequence(tokens, boundaries, params, seed, loop, leader=sequences[0] if i else None,
-                                      **admission))
-        scheduler.submit(*sequences)
-        return [LlamaGeneration(sequence, self._piece) for sequence in sequences]
+            fields = {"tokens": tokens, "boundaries": boundaries, "params": params, "seed": seed,
+                      "client": request.client, "queued_at": now, "deadline": request.deadline,
+                      "queue_deadline": None if self.queue_timeout is None else now + self.queue_timeout}
+            requests.append(_Request(next(self._ids), job, fields, loop))
+        with self._lock:
+            if self._waiting + n > max(self.max_queued, n):
+                raise EngineOverloaded(self._waiting, self.retry_after())
+            for each in requests:
+                self._requests[each.id] = each
+            self._waiting += n
+            self._send_job(requests)
+        return [LlamaGeneration(each, self) for each in requests]
+
+    def retry_after(self) -> int:
+        """Seconds an overloaded client should wait: until the queue ahead of it has drained, at the recent pace."""
+        return self._drain.retry_after(self._waiting, time.monotonic())
+
+    def _send_job(self, requests: list[_Request]) -> None:
+        """Give one request's sequences to the engine process, if it is up (called under the lock); a restart
+        sends them later."""
+        assert self._supervisor is not None
+        leader = requests[0].id
+        message = [{**each.fields, "id": each.id, "leader": leader if each.id != leader else None}
+                   for each in requests]
+        if self._supervisor.send(("submit", message)):
+            for each in requests:
+                each.sent = True
+
+    def cancel(self, request: _Request) -> None:
+        with self._lock:
+            if request.cancelled or request.id not in self._requests:
+                return
+            request.cancelled = True
+            if request.sent and self._supervisor is not None and self._supervisor.send(("cancel", [request.id])):
+                return
+            # Not in any engine process (it is restarting): it ends here, without running.
+            self._settle(request, Finished(None, 0, 0))
+        self._deliver([(request, Finished(None, 0, 0))])
+
+    def _settle(self, request: _Request, item: Any) -> None:
+        """`request` has ended with `item` (called under the lock)."""
+        del self._requests[request.id]
+        if not request.started:
+            self._waiting -= 1
+        else:  # a slot freed: the pace Retry-After is worked out from
+            self._drain.record(time.monotonic())
+
+    # --- engine side (the supervisor's thread) -------------------------------------------------
+
+    def _on_message(self, message: tuple) -> None:
+        _, steps, tokens, reused, items = message
+        self._steps, self._tokens, self._reused = steps, tokens, reused
+        out = []
+        with self._lock:
+            for id, item in items:
+                request = self._requests.get(id)
+                if request is None:
+                    continue
+                if isinstance(item, Started):
+                    request.started = True
+                    self._waiting -= 1
+                    continue
+                if isinstance(item, (Finished, BaseException)):
+                    self._settle(request, item)
+                out.append((request, item))
+        self._deliver(out)
+
+    def _on_death(self, how: str) -> None:
+        """The engine process died: what it was running ends with an error; what waited is kept for the next."""
+        self._base_steps += self._steps
+        self._base_tokens += self._tokens
+        self._base_reused += self._reused
+        self._steps = self._tokens = self._reused = 0
+        out = []
+        with self._lock:
+            for request in list(self._requests.values()):
+                request.sent = False
+                if request.started:
+                    error = EngineRestarted(how, self.restart_retry_after)
+                    self._settle(request, error)
+                    out.append((request, error))
+                elif request.cancelled:
+                    self._settle(request, Finished(None, 0, 0))
+                    out.append((request, Finished(None, 0, 0)))
+            kept = len(self._requests)
+        restarting = self._supervisor is not None and self._supervisor.state == "restarting"
+        log.error("the engine process %s: %d running requests ended with an error; %d waiting ones %s", how, len(out),
+                  kept, "kept for the next engine process" if restarting else "fail too (no restart)")
+        self._deliver(out)
+
+    def _on_ready(self) -> None:
+        """A new engine process is ready: send it what waited, in the order it arrived."""
+        with self._lock:
+            jobs: dict[int, list[_Request]] = {}
+            for request in sorted(self._requests.values(), key=lambda r: r.id):
+                if not request.sent:
+                    jobs.setdefault(request.job, []).append(request)
+            for requests in jobs.values():
+                self._send_job(requests)
+        log.warning("the engine process is back (pid %s): %d waiting requests sent to it",
+                    self.pid, sum(map(len, jobs.values())))
+
+    def _on_failed(self, reason: str) -> None:
+        self._fail_all(EngineNotReady(reason))
+
+    def _restarted(self, cause: str) -> None:
+        if self.on_restart is not None:
+            self.on_restart(cause)
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._lock:
+            out = [(request, error) for request in self._requests.values()]
+            for request, _ in out:
+                self._settle(request, error)
+        self._deliver(out)
+
+    def _deliver(self, items: list[tuple[_Request, Any]]) -> None:
+        """Hand items to their requests' event loops: one wake-up per loop, however many requests and pieces."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = collections.defaultdict(list)
+        for request, item in items:
+            by_loop[request.loop].append((request.out, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                for request, _ in items:
+                    if request.loop is loop:
+                        self.cancel(request)
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """The prompt's tokens: the chat template applied to `messages`, or the raw `prompt`."""
@@ -306,7 +461,7 @@ class LlamaEngine:
 
     def _render(self, formatter: Any, messages: Any) -> list[int]:
         rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
-        return self._llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        return self._vocab.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
 
     def render(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]:
         """The tokens of `messages` through the model's chat template (no context-length check)."""
@@ -317,19 +472,19 @@ class LlamaEngine:
             raise InvalidPrompt(f"the model's chat template rejected the messages: {exc}") from None
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], tuple[int, ...], int]:
-        llm = self._llm
+        vocab = self._vocab
         boundaries: tuple[int, ...] = ()
         if request.messages is not None:
             tokens = self.render(request.messages)
             boundaries = self._boundaries(request.messages, tokens)
         else:
-            tokens = llm.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
+            tokens = vocab.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
             if not tokens:  # an empty prompt for a model that adds no BOS: start from BOS, as OpenAI allows ""
-                bos = llm.token_bos()
+                bos = vocab.token_bos()
                 if bos < 0:
                     raise InvalidPrompt("the prompt is empty and this model has no beginning-of-sequence token", "prompt")
                 tokens = [bos]
-        n_vocab = self._llm.n_vocab()
+        n_vocab = vocab.n_vocab()
         unknown = [token for token, _ in request.params.logit_bias if not 0 <= token < n_vocab]
         if unknown:
             raise InvalidPrompt(f"logit_bias names token ids this model does not have: {unknown[:5]} "
@@ -357,23 +512,28 @@ class LlamaEngine:
                     found.add(len(prefix))
         return tuple(sorted(found))
 
-    def _piece(self, token: int) -> bytes:
-        return self._llm.detokenize([token])
+    def piece(self, token: int) -> bytes:
+        return self._vocab.detokenize([token])
 
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         """The model's token ids for `text` (`add_bos`: with the beginning-of-sequence token, if it has one)."""
-        return self._llm.tokenize(text.encode(), add_bos=add_bos, special=special)
+        return self._vocab.tokenize(text.encode(), add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         """The text of `tokens`; ids the model does not have are a ValueError."""
-        n_vocab = self._llm.n_vocab()
+        n_vocab = self._vocab.n_vocab()
         unknown = [t for t in tokens if not 0 <= t < n_vocab]
         if unknown:
             raise ValueError(f"token ids this model does not have: {unknown[:5]} (its vocabulary is 0 .. {n_vocab - 1})")
-        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
+        return self._vocab.detokenize(tokens).decode("utf-8", errors="replace")
 
     def count_tokens(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+        return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 def _model_info(path: Path, sha256: str, meta: dict[str, str], n_ctx: int, n_params: int) -> ModelInfo:

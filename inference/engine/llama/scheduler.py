@@ -36,7 +36,7 @@ from llama_cpp import llama_cpp as C
 from ..base import EngineNotReady, EngineOverloaded, QueueTimeout, RequestTimeout
 from .admission import DrainRate, FairQueue
 from .sampling import Sampler
-from .sequence import Sequence, deliver
+from .sequence import STARTED, Sequence, deliver
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,10 @@ class Scheduler:
         vocab: Any,
         is_eog: Callable[[int], bool],
         piece: Callable[[int], bytes],
+        publish: Callable[[list[tuple[Sequence, Any]]], None] = deliver,
     ) -> None:
         self.ctx = ctx
+        self.publish = publish  # hands a step's emitted items over (worker.py: to the pipe), also when there are none
         self.memory = C.llama_get_memory(ctx)
         self.slots = slots
         self.max_queued = max_queued
@@ -149,7 +151,7 @@ class Scheduler:
             waiting = self.waiting.clear()
             self.aborting = True
             self.lock.notify()
-        deliver([(sequence, EngineNotReady("the service is shutting down")) for sequence in waiting])
+        self.publish([(sequence, EngineNotReady("the service is shutting down")) for sequence in waiting])
 
     @property
     def busy(self) -> bool:
@@ -187,9 +189,8 @@ class Scheduler:
             self.close()
 
     def _deliver(self) -> None:
-        if self.outbox:
-            items, self.outbox[:] = list(self.outbox), []
-            deliver(items)
+        items, self.outbox[:] = list(self.outbox), []
+        self.publish(items)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -248,6 +249,7 @@ class Scheduler:
                 sequence.emit(exc)
                 continue
             self.running.append(sequence)
+            sequence.emit(STARTED)
 
     def _best_prefix(self, sequence: Sequence) -> tuple[int | None, int]:
         """The idle slot holding the longest reusable prefix of `sequence`'s prompt, and that prefix's length."""

@@ -18,6 +18,14 @@ from .sampling import Sampler
 
 
 @dataclass
+class Started:
+    """The sequence has left the queue and holds a slot: from here a crash of the engine ends it."""
+
+
+STARTED = Started()
+
+
+@dataclass
 class Finished:
     finish_reason: FinishReason | None
     completion_tokens: int
@@ -33,8 +41,8 @@ class Sequence:
     boundaries: tuple[int, ...]
     params: SamplingParams
     seed: int
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop | None = None  # in the engine process: none (emitted items go to the pipe)
+    out: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Scheduler state.
     slot: int = -1
@@ -54,6 +62,7 @@ class Sequence:
     queued_at: float = 0.0
     queue_deadline: float | None = None
     deadline: float | None = None
+    id: int = 0  # the HTTP side's name for it
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
 
@@ -74,6 +83,10 @@ class Sequence:
         end = base + ((start - base) // size + 1) * size
         following = min((b for b in self.boundaries if b > start), default=len(self.tokens))
         return start, min(end, following, len(self.tokens))
+
+    def __post_init__(self) -> None:
+        if self.loop is not None and self.out is None:
+            self.out = asyncio.Queue()
 
     def emit(self, item: Any) -> None:
         if self.outbox is not None:
