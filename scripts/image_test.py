@@ -317,7 +317,35 @@ def check_serving_image(tag: str, redis_port: int, name: str, collector: Collect
     names = collector.wait_for(trace_id, {"POST /api/v1/infer", "rate_limit", "cache lookup"}, timeout=30)
     check(status == 200 and {"POST /api/v1/infer", "rate_limit", "cache lookup"} <= set(names),
           f"the request's trace reaches the collector from the export process in the container ({sorted(names)})")
+    check_engine_restart(url, name, body)
     return url
+
+
+# Run inside the container: SIGSEGV to the engine process (the service's child running llama.cpp).
+KILL_ENGINE = ("import os, signal\n"
+               "pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and b'inference.engine.llama.worker' in "
+               "open(f'/proc/{p}/cmdline', 'rb').read()]\n"
+               "assert len(pids) == 1, pids\n"
+               "os.kill(pids[0], signal.SIGSEGV)\n"
+               "print(pids[0])\n")
+
+
+def check_engine_restart(url: str, name: str, body: dict) -> None:
+    """A native crash of the engine process inside the read-only, non-root container: the service stays up,
+    restarts the engine, and answers again."""
+    pid = output("podman", "exec", name, "python", "-c", KILL_ENGINE)
+    started = time.monotonic()
+    while http("GET", f"{url}/ready", timeout=2)[0] != 200:
+        if time.monotonic() - started > 60:
+            raise CheckFailed(f"not ready again 60 s after the engine process died:\n{logs(name)}")
+        time.sleep(0.05)
+    back = time.monotonic() - started
+    status, _, raw = http("POST", f"{url}/api/v1/infer", {**body, "prompt": "Name a colour."})
+    check(status == 200 and json.loads(raw).get("completion_tokens", 0) > 0,
+          f"after SIGSEGV to the engine process ({pid}) the service is ready again in {back:.1f} s and answers")
+    _, _, metrics = http("GET", f"{url}/metrics")
+    check(b'inference_engine_restarts_total{cause="SIGSEGV"} 1.0' in metrics and "died of SIGSEGV" in logs(name),
+          "the restart is counted by cause and logged")
 
 
 def check_gateway_image(tag: str, upstream_url: str, redis_port: int, name: str) -> None:

@@ -49,7 +49,7 @@ def exported(engine, redis_server):
         families[family.name] = labels
     # Families with labels but no samples yet still declare their labels in the service.
     metrics = app.service.metrics
-    for collector in (metrics.requests, metrics.duration, metrics.errors, metrics.model_info):
+    for collector in (metrics.requests, metrics.duration, metrics.errors, metrics.model_info, metrics.engine_restarts):
         families.setdefault(collector._name.removesuffix("_total"), set()).update(collector._labelnames)
     return families
 

@@ -24,7 +24,10 @@ def load_model(path: Path, *, extra_buffers: bool = True, vocab_only: bool = Fal
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = extra_buffers
     params.vocab_only = vocab_only
-    return LlamaModel(path_model=str(path), params=params, verbose=False)
+    # verbose=True only skips llama-cpp-python's redirection of the process's stdout/stderr file descriptors to
+    # /dev/null around the load (not thread-safe: other threads' log lines would vanish); llama.cpp's log still
+    # goes through the callback set above.
+    return LlamaModel(path_model=str(path), params=params, verbose=True)
 
 
 def system_info() -> str:
