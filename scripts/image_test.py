@@ -323,8 +323,8 @@ def check_serving_image(tag: str, redis_port: int, name: str, collector: Collect
 
 # Run inside the container: SIGSEGV to the engine process (the service's child running llama.cpp).
 KILL_ENGINE = ("import os, signal\n"
-               "pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and b'inference.engine.llama.worker' in "
-               "open(f'/proc/{p}/cmdline', 'rb').read()]\n"
+               "pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and "
+               "b'inference.engine.llama.worker' in open(f'/proc/{p}/cmdline', 'rb').read()]\n"
                "assert len(pids) == 1, pids\n"
                "os.kill(pids[0], signal.SIGSEGV)\n"
                "print(pids[0])\n")

@@ -393,8 +393,9 @@ class LlamaEngine:
                 out.append((request, item))
         self._deliver(out)
 
-    def _on_death(self, how: str) -> None:
-        """The engine process died: what it was running ends with an error; what waited is kept for the next."""
+    def _on_death(self, how: str) -> tuple[int, int]:
+        """The engine process died: what it was running ends with an error; what waited is kept for the next.
+        Returns how many requests ended and how many are kept."""
         self._base_steps += self._steps
         self._base_tokens += self._tokens
         self._base_reused += self._reused
@@ -411,10 +412,8 @@ class LlamaEngine:
                     self._settle(request, Finished(None, 0, 0))
                     out.append((request, Finished(None, 0, 0)))
             kept = len(self._requests)
-        restarting = self._supervisor is not None and self._supervisor.state == "restarting"
-        log.error("the engine process %s: %d running requests ended with an error; %d waiting ones %s", how, len(out),
-                  kept, "kept for the next engine process" if restarting else "fail too (no restart)")
         self._deliver(out)
+        return sum(isinstance(item, EngineRestarted) for _, item in out), kept
 
     def _on_ready(self) -> None:
         """A new engine process is ready: send it what waited, in the order it arrived."""

@@ -98,6 +98,7 @@ class Scheduler:
     ) -> None:
         self.ctx = ctx
         self.publish = publish  # hands a step's emitted items over (worker.py: to the pipe), also when there are none
+        self.on_crash: Callable[[], None] | None = None
         self.memory = C.llama_get_memory(ctx)
         self.slots = slots
         self.max_queued = max_queued
@@ -173,6 +174,8 @@ class Scheduler:
                 self._deliver()
         except BaseException:
             log.exception("the scheduler stopped on an error; failing every request it holds")
+            if self.on_crash is not None:
+                self.on_crash()  # the engine process: exit, so that the supervisor restarts it
             raise
         finally:
             # Whatever ended the loop, nobody may wait forever: what is left fails, and new work is refused.

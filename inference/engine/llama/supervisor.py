@@ -42,7 +42,7 @@ class Supervisor:
         crash_loop_deaths: int,
         crash_loop_seconds: float,
         on_message: Callable[[tuple], None],
-        on_death: Callable[[str], None],
+        on_death: Callable[[str], tuple[int, int]],
         on_ready: Callable[[], None],
         on_failed: Callable[[str], None],
         on_restart: Callable[[str], None] | None = None,
@@ -153,15 +153,17 @@ class Supervisor:
             self.state = "failed"
             self.reason = (f"the engine process died {len(self._deaths)} times within {self.crash_loop_seconds:g} s "
                            f"(last: {how}); not restarting it")
-            log.error("%s", self.reason)
-            self.on_death(how)
+            ended, kept = self.on_death(how)
+            log.error("the engine process (pid %d) %s: %d running requests ended with an error; %s; %d waiting "
+                      "ones fail too", proc.pid, how, ended, self.reason, kept)
             self.on_failed(self.reason)
             return False
         self.state = "restarting"
         self.reason = f"the engine process {how}; restarting it"
-        log.error("the engine process (pid %d) %s; restarting it (death %d of %d allowed within %g s)",
-                  proc.pid, how, len(self._deaths), self.crash_loop_deaths, self.crash_loop_seconds)
-        self.on_death(how)
+        ended, kept = self.on_death(how)
+        log.error("the engine process (pid %d) %s: %d running requests ended with an error, %d waiting ones are kept "
+                  "for the new process; restarting it (death %d of %d allowed within %g s)", proc.pid, how, ended, kept,
+                  len(self._deaths), self.crash_loop_deaths, self.crash_loop_seconds)
         return False
 
     # --- commands ------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ log = logging.getLogger("inference.engine")
 
 HEARTBEAT = 0.25  # seconds: with steps but nothing to say (a long prompt being evaluated), progress goes out this often
 WARM_UP_PROMPT = b"The capital of France is"
+EXIT_LOOP_FAILED = 70  # EX_SOFTWARE: the scheduler's loop raised
 
 
 class Worker:
@@ -79,6 +80,7 @@ class Worker:
             is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
             piece=lambda token: self.model.detokenize([token]), publish=self.publish,
         )
+        self.scheduler.on_crash = self.crash_exit
 
     def _warm_up(self) -> None:
         """Decode a few tokens in slot 0 and forget them: a native fault of this CPU shows before "ready"."""
@@ -99,6 +101,12 @@ class Worker:
 
         llama_cpp.llama_free(self.ctx)
         self.model.close()
+
+    def crash_exit(self) -> None:
+        """The scheduler's loop raised: end the process at once, as a crash would, so that the supervisor ends what
+        was running with engine_restarted and keeps what waited (the loop's own clean-up would fail it all)."""
+        logging.shutdown()
+        os._exit(EXIT_LOOP_FAILED)
 
     def read(self) -> None:
         scheduler = self.scheduler
