@@ -44,6 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
 class Server:
     def __init__(self, **env: str) -> None:
         self.port = free_port()
@@ -67,10 +79,8 @@ class Server:
         raise RuntimeError("the server was not ready within 180 s")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the service: its HTTP process and its children (the engine process)."""
+        return sum(_rss_mb(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
 
     def stop(self) -> int:
         if self.proc.poll() is None:
