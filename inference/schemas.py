@@ -73,7 +73,7 @@ class HealthResponse:
 
 @dataclass(frozen=True)
 class ReadyResponse:
-    status: Literal["ready", "loading", "failed", "stalled", "draining", "stopping"]
+    status: Literal["ready", "loading", "failed", "restarting", "stalled", "draining", "stopping"]
     reason: str | None = None
     store: Literal["memory", "up", "down"] = field(
         default="memory", metadata=spec(description="Cache and rate-limit store: in memory, or Redis up/down.")

@@ -159,9 +159,9 @@ class Service:
 
     @property
     def readiness(self) -> tuple[str, str | None]:
-        """("ready", None), or the state and why not: loading, failed, stalled, draining, stopping."""
+        """("ready", None), or the state and why not: loading, failed, restarting, stalled, draining, stopping."""
         health = getattr(self.engine, "health", None)  # the engine process: restarting, or failed for good
-        if self.state in ("ready", "draining") and health is not None and (self.state == "ready" or health[0] == "failed"):
+        if health is not None and (self.state == "ready" or (self.state == "draining" and health[0] == "failed")):
             return health
         if self.state == "ready" and self.stalled:
             return "stalled", (f"the engine has made no progress for {self.settings.watchdog_seconds:g} s with "
