@@ -317,11 +317,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM reach the service, which closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = json.loads(sys.argv[1])
-    from .logs import JSONFormatter, TEXT_FORMAT
+    from .logs import configure_stream
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if config["log_format"] == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=config["log_level"], handlers=[handler])
+    configure_stream(config["log_level"], config["log_format"])
 
     from opentelemetry.sdk.resources import Resource
 

@@ -31,8 +31,13 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure(settings: Settings) -> None:
+    configure_stream(settings.log_level, settings.log_format)
+
+
+def configure_stream(level: str, log_format: str) -> None:
+    """Log lines of `log_format` ("text" or "json") to stderr; also what the service's child processes use."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JSONFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
+    root.setLevel(level)

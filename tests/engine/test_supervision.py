@@ -192,3 +192,27 @@ def test_a_crash_loop_stops_restarting_and_readiness_says_failed(model_file):
     assert ready.status == 503 and ready.json()["status"] == "failed" and "died 2 times" in ready.json()["reason"]
     assert refused.status == 503 and refused.json()["error"]["code"] == "model_not_ready"
     assert engine.restarts == {"SIGKILL": 2}
+
+
+def test_the_engine_process_does_not_outlive_a_killed_http_process(model_file):
+    proc = ServerProcess({"MODEL_PATH": str(model_file[0])})
+    try:
+        proc.wait_ready()
+        engine = engine_pid(proc.proc.pid)
+        os.kill(proc.proc.pid, signal.SIGKILL)  # no clean-up of any kind: the pipe closes with the process
+        proc.proc.wait()
+        deadline = time.monotonic() + 10
+        while not gone(engine):
+            assert time.monotonic() < deadline, "the engine process outlived the HTTP process"
+            time.sleep(0.05)  # another process ending: nothing to await
+    finally:
+        proc.stop()
+
+
+def gone(pid):
+    """True once `pid` has exited (a zombie waiting for whoever adopted it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -171,6 +171,7 @@ class LlamaEngine:
         crash_loop_deaths: int = 3,
         crash_loop_seconds: float = 60.0,
         restart_retry_after: int = 5,
+        log_format: str = "text",
     ) -> None:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -183,6 +184,7 @@ class LlamaEngine:
         self.crash_loop_deaths = crash_loop_deaths
         self.crash_loop_seconds = crash_loop_seconds
         self.restart_retry_after = restart_retry_after
+        self.log_format = log_format  # LOG_FORMAT, for the engine process's own log lines
         self._sha256 = sha256
         self._vocab: Any = None
         self._formatter: Any = None
@@ -276,7 +278,8 @@ class LlamaEngine:
         self._supervisor = Supervisor(
             {"model_path": self.model_path, "n_ctx": self.n_ctx, "slots": self.max_concurrent,
              "n_threads": self.n_threads, "max_queued": self.max_queued, "crash_test": self.crash_test,
-             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())},
+             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+             "log_format": self.log_format},
             extra_buffers=self.extra_buffers, crash_loop_deaths=self.crash_loop_deaths,
             crash_loop_seconds=self.crash_loop_seconds, on_message=self._on_message, on_death=self._on_death,
             on_ready=self._on_ready, on_failed=self._on_failed, on_restart=self._restarted,

@@ -183,8 +183,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
     config = conn.recv()
-    logging.basicConfig(level=config.get("log_level", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ...logs import configure_stream
+
+    configure_stream(config["log_level"], config["log_format"])  # the service's own format, JSON included
     try:
         worker = Worker(conn, config)
     except Exception as exc:
