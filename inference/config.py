@@ -226,6 +226,7 @@ class Settings:
     queue_timeout_seconds: float = 30.0
     request_timeout_seconds: float = 300.0
     watchdog_seconds: float = 30.0
+    engine_stall_restart_seconds: float = 120.0
     drain_delay_seconds: float = 5.0
     shutdown_timeout_seconds: float = 30.0
     cache_ttl_seconds: int = 60
@@ -329,6 +330,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_timeout_seconds": _float(0.001, 86400),
     "request_timeout_seconds": _float(0.001, 86400),
     "watchdog_seconds": _float(0, 86400),
+    "engine_stall_restart_seconds": _float(0, 86400),
     "drain_delay_seconds": _float(0, 3600),
     "shutdown_timeout_seconds": _float(1, 3600),
     "cache_ttl_seconds": _int(1),

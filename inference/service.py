@@ -139,14 +139,18 @@ class Service:
 
     async def _watch(self) -> None:
         """Readiness that tells the truth: with work in flight and no step of the engine for WATCHDOG_SECONDS, the
-        service is not ready (a load balancer routes around it) until the engine moves again."""
+        service is not ready (a load balancer routes around it) until the engine moves again; an engine process
+        still stuck after ENGINE_STALL_RESTART_SECONDS is replaced."""
         limit = self.settings.watchdog_seconds
+        restart_after = self.settings.engine_stall_restart_seconds
         engine: Any = self.engine
         last, since = engine.progress, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             now, progress = time.monotonic(), engine.progress
-            if progress != last or not engine.busy:
+            if getattr(engine, "health", None) is not None:  # a new engine process is starting: nothing to judge
+                since = now
+            elif progress != last or not engine.busy:
                 last, since = progress, now
                 if self.stalled:
                     log.warning("the engine is making progress again")
@@ -155,6 +159,10 @@ class Service:
                 self.stalled = True
                 self.metrics.stalls.inc()
                 log.error("the engine has made no progress for %g s with work in flight: not ready", limit)
+            elif self.stalled and restart_after and now - since >= restart_after and hasattr(engine, "restart"):
+                # A process of its own: a stuck engine can be replaced (what runs fails, what waits is kept).
+                if engine.restart(f"it made no progress for {now - since:.0f} s with requests in flight"):
+                    since = now
             self.metrics.stalled.set(float(self.stalled))
 
     @property

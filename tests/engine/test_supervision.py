@@ -216,3 +216,26 @@ def gone(pid):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_an_engine_stuck_past_the_stall_limit_is_replaced(model_file):
+    with own_engine(model_file, max_concurrent=1) as engine:
+        async def scenario():
+            settings = base_settings(watchdog_seconds=0.3, engine_stall_restart_seconds=3.0)
+            async with Running(build_app(settings, engine=engine)) as app:
+                running = await engine.generate(long_request())
+                await running.__anext__()
+                waiting = await engine.generate(request("What is 2+2?", max_tokens=16))
+                stuck = engine.pid
+                os.kill(stuck, signal.SIGSTOP)  # alive, but no step: as a native deadlock would be
+                with pytest.raises(EngineRestarted, match="no progress"):
+                    async for _ in running:
+                        pass
+                answer = "".join([piece async for piece in waiting])  # kept, and run by the new process
+                ready = await call_asgi(app, "GET", "/ready")
+                return stuck, answer, ready, app.service.metrics.stalls._value.get()
+
+        stuck, answer, ready, stalls = asyncio.run(scenario())
+        assert engine.pid != stuck and engine.restarts == {"stalled": 1}
+    assert says_four(answer)
+    assert ready.status == 200 and stalls >= 1

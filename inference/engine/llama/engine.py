@@ -256,6 +256,11 @@ class LlamaEngine:
     def restarts(self) -> dict[str, int]:
         return dict(self._supervisor.restarts) if self._supervisor is not None else {}
 
+    def restart(self, why: str) -> bool:
+        """Kill the engine process (it is stuck: `why`) so that the supervisor starts a new one; running requests end
+        with EngineRestarted, waiting ones are kept. False when there is no running process to kill."""
+        return self._supervisor is not None and self._supervisor.kill("stalled", f"was killed: {why}")
+
     def abort(self) -> None:
         """End every request in flight with an error (shutdown timeout) and refuse new ones."""
         self._closed = True

@@ -63,6 +63,7 @@ class Supervisor:
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._killed: tuple[str, str] | None = None  # (cause, how) when we killed it ourselves
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +137,8 @@ class Supervisor:
         how = describe_exit(status)
         self.state = "restarting"  # before anyone hears of the death: readiness already says so
         cause = signal.Signals(-status).name if status < 0 and -status in signal.valid_signals() else "exit"
+        if self._killed is not None:
+            (cause, how), self._killed = self._killed, None
         self.restarts[cause] += 1
         if self.on_restart is not None:
             self.on_restart(cause)
@@ -179,6 +182,16 @@ class Supervisor:
             except OSError:
                 return False
             return True
+
+    def kill(self, cause: str, how: str) -> bool:
+        """End a running engine process that no longer works (the watchdog's call); its death is then handled as
+        any other, with this cause and description. False when it is not running."""
+        proc = self._proc
+        if self.state != "ready" or proc is None:
+            return False
+        self._killed = (cause, how)
+        proc.kill()
+        return True
 
     def stop(self) -> None:
         """Ask the engine to finish (what is left fails), wait for it, kill it if it does not end in time."""
