@@ -103,12 +103,19 @@ class Worker:
         self.model.close()
 
     def crash_exit(self) -> None:
-        """The scheduler's loop raised: end the process at once, as a crash would, so that the supervisor ends what
+        """The scheduler's loop (or the command reader) raised: end the process at once, as a crash would, so that the supervisor ends what
         was running with engine_restarted and keeps what waited (the loop's own clean-up would fail it all)."""
         logging.shutdown()
         os._exit(EXIT_LOOP_FAILED)
 
     def read(self) -> None:
+        try:
+            self._read()
+        except Exception:  # a bug here would leave the engine deaf to every command: die, and be restarted
+            log.exception("the engine process's command reader failed")
+            self.crash_exit()
+
+    def _read(self) -> None:
         scheduler = self.scheduler
         while True:
             try:
