@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 # podman cannot raise rlimits in some sandboxes (ours): every build and run pins them to what is allowed.
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+CPU_LIMIT = 1.5  # the serving container's --cpus
 # crun refuses hosts whose cgroups are in hybrid mode (v1 controllers plus an empty v2 tree, as here); runc
 # runs there, and everywhere else too. PODMAN_RUNTIME overrides ("" = podman's own default).
 RUNTIME = os.environ.get("PODMAN_RUNTIME", "runc" if shutil.which("runc") else "")
@@ -187,8 +188,9 @@ def redis_keys(port: int, pattern: str) -> list[str]:
     return found.split() if found else []
 
 
-def start_container(tag: str, name: str, env: dict[str, str]) -> None:
+def start_container(tag: str, name: str, env: dict[str, str], cpus: float | None = None) -> None:
     command = ["podman", "run", "--detach", "--name", name, *ULIMITS, "--network", "host",
+               *(["--cpus", str(cpus)] if cpus else []),
                "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m",
                "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
     for key, value in env.items():
@@ -285,13 +287,19 @@ def check_serving_image(tag: str, redis_port: int, name: str, collector: Collect
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # An index nobody listens on: a download attempt would fail at once rather than pass unnoticed.
+    # A CPU limit below the host's cores, as `docker run --cpus` or a Kubernetes limit sets it: llama.cpp must get
+    # the threads the quota allows, not one per host core.
     start_container(tag, name, {"PORT": str(port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                                 "RATE_LIMIT_PER_MINUTE": "600", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-                                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "200"})
+                                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "200"},
+                    cpus=CPU_LIMIT)
     ready = wait_ready(url, name, timeout=180)
     say(f"ready in {ready:.1f} s")
     log = logs(name)
     check("fetching the default model" not in log, "ready without downloading anything")
+    threads = max(1, min(int(CPU_LIMIT), os.cpu_count() or 1))
+    check(f"N_THREADS=0 -> {threads}: " in log,
+          f"with --cpus {CPU_LIMIT} llama.cpp gets {threads} thread(s), from the cgroup quota")
     user = output("podman", "image", "inspect", "--format", "{{.Config.User}}", tag)
     check(user.isdigit() and user != "0", f"runs as a numeric non-root user ({user})")
     health = output("podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", tag)

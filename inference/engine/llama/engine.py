@@ -39,7 +39,7 @@ from ..base import (
     TokenLogprob,
 )
 from .admission import DrainRate
-from .native import load_model
+from .native import compute_threads, cpu_quota, load_model
 from .scheduler import TokenLogprobs
 from .sequence import Finished, Started
 from .supervisor import Supervisor
@@ -280,9 +280,13 @@ class LlamaEngine:
         self._prefix_formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text,
                                                      add_generation_prompt=False)
         self._vocab = vocab
+        threads = self.n_threads
+        if not threads:  # N_THREADS=0: what this process may really use (a container's quota, not the host's cores)
+            threads, why = compute_threads(cpu_quota())
+            log.info("N_THREADS=0 -> %d: %s", threads, why)
         self._supervisor = Supervisor(
             {"model_path": self.model_path, "n_ctx": self.n_ctx, "slots": self.max_concurrent,
-             "n_threads": self.n_threads, "max_queued": self.max_queued, "crash_test": self.crash_test,
+             "n_threads": threads, "max_queued": self.max_queued, "crash_test": self.crash_test,
              "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
              "log_format": self.log_format},
             extra_buffers=self.extra_buffers, crash_loop_deaths=self.crash_loop_deaths,

@@ -10,9 +10,12 @@ without them.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def load_model(path: Path, *, extra_buffers: bool = True, vocab_only: bool = False) -> Any:
@@ -28,6 +31,46 @@ def load_model(path: Path, *, extra_buffers: bool = True, vocab_only: bool = Fal
     # /dev/null around the load (not thread-safe: other threads' log lines would vanish); llama.cpp's log still
     # goes through the callback set above.
     return LlamaModel(path_model=str(path), params=params, verbose=True)
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs this process's cgroup may use per period (`docker run --cpus`, a Kubernetes CPU limit): cgroup v2's
+    cpu.max, or v1's cpu.cfs_quota_us / cpu.cfs_period_us. None when there is no quota or it cannot be read."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if controllers == "":  # v2: one unified hierarchy
+            for folder in (root / path, root):
+                try:
+                    quota, period = (folder / "cpu.max").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                return None if quota == "max" else int(quota) / int(period)
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            for folder in (root / controllers / path, root / "cpu" / path, root / controllers, root / "cpu"):
+                try:
+                    quota = int((folder / "cpu.cfs_quota_us").read_text())
+                    period = int((folder / "cpu.cfs_period_us").read_text())
+                except (OSError, ValueError):
+                    continue
+                return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def compute_threads(quota: float | None = None, affinity: int | None = None) -> tuple[int, str]:
+    """Threads for llama.cpp when N_THREADS is 0, and why: the CPUs in this process's affinity mask, or fewer when
+    a cgroup quota allows fewer (whole CPUs, at least one: a thread more than the quota makes every step wait for
+    the throttled one)."""
+    affinity = len(os.sched_getaffinity(0)) if affinity is None else affinity
+    if quota is not None and quota < affinity:
+        threads = max(1, int(quota))
+        return threads, f"the cgroup CPU quota allows {quota:g} of the {affinity} CPUs in this process's affinity mask"
+    return affinity, f"the {affinity} CPUs in this process's affinity mask" + (
+        f" (the cgroup CPU quota allows {quota:g})" if quota is not None else "")
 
 
 def system_info() -> str:
