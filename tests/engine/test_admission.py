@@ -65,6 +65,21 @@ def test_retry_after_is_the_time_the_queue_ahead_takes_to_drain():
     assert rate.retry_after(0, 5.0) == 1
 
 
+def test_retry_after_an_idle_spell_is_paced_by_busy_time_not_by_the_spell():
+    rate = DrainRate()
+    for i in range(11):
+        rate.record(i * 0.5)  # busy: a slot freed every half second
+    rate.idle(5.0)  # then nothing for an hour
+    rate.busy(3605.0)  # a burst arrives
+    assert rate.retry_after(9, 3605.0) == 5  # the pace from before the quiet hour (was 60: the hour counted)
+    rate.record(3606.0)  # busy time goes on from where it stopped
+    assert rate.retry_after(9, 3606.0) == 5
+    rate.idle(3606.0)
+    rate.idle(3700.0)  # told twice: the spell started at the first
+    rate.busy(7206.0)
+    assert rate.retry_after(9, 7206.0) == 5
+
+
 def chat(prompt, **params):
     params.setdefault("temperature", 0.0)
     return SamplingParams(**params), (ChatMessage("user", prompt),)

@@ -5,7 +5,7 @@ each other client by at most one of its requests. A job (the sequences of one re
 admitted whole before the next one starts, so its choices can share their prompt (scheduler.py, _fork).
 
 DrainRate turns recent completions into the Retry-After an overloaded refusal carries: how long the queue ahead
-takes to drain at the pace slots have been freeing up.
+takes to drain at the pace slots have been freeing up while there was work (idle spells do not count).
 """
 
 from __future__ import annotations
@@ -83,16 +83,36 @@ class FairQueue:
 
 
 class DrainRate:
-    """Seconds until `waiting` sequences ahead would have left the queue, at the pace of recent completions."""
+    """Seconds until `waiting` sequences ahead would have left the queue, at the pace of recent completions.
+
+    The pace is measured in busy time: spells with nothing to do (`idle` until `busy`) are left out, so the first
+    refusals after a quiet hour are paced by how fast slots freed while there was work, not by the hour."""
 
     def __init__(self, window: int = DRAIN_WINDOW) -> None:
-        self._ends: collections.deque[float] = collections.deque(maxlen=window)
+        self._ends: collections.deque[float] = collections.deque(maxlen=window)  # on the busy clock
+        self._idle_total = 0.0  # seconds spent idle so far (busy clock = time - idle time)
+        self._idle_since: float | None = None
+
+    def _busy_clock(self, now: float) -> float:
+        idle = self._idle_total + (now - self._idle_since if self._idle_since is not None else 0.0)
+        return now - idle
+
+    def idle(self, now: float) -> None:
+        """Nothing waits or runs from `now` on."""
+        if self._idle_since is None:
+            self._idle_since = now
+
+    def busy(self, now: float) -> None:
+        """Work arrived at `now`."""
+        if self._idle_since is not None:
+            self._idle_total += now - self._idle_since
+            self._idle_since = None
 
     def record(self, now: float) -> None:
-        self._ends.append(now)
+        self._ends.append(self._busy_clock(now))
 
     def retry_after(self, waiting: int, now: float) -> int:
         if len(self._ends) < 2:
             return 1  # no pace known yet
-        rate = len(self._ends) / max(now - self._ends[0], 1e-3)  # completions per second, idle time included
+        rate = len(self._ends) / max(self._busy_clock(now) - self._ends[0], 1e-3)  # completions per busy second
         return max(1, min(RETRY_AFTER_MAX, math.ceil((waiting + 1) / rate)))

@@ -345,6 +345,8 @@ class LlamaEngine:
         with self._lock:
             if self._waiting + n > max(self.max_queued, n):
                 raise EngineOverloaded(self._waiting, self.retry_after())
+            if not self._requests:
+                self._drain.busy(now)
             for each in requests:
                 self._requests[each.id] = each
             self._waiting += n
@@ -380,10 +382,13 @@ class LlamaEngine:
     def _settle(self, request: _Request, item: Any) -> None:
         """`request` has ended with `item` (called under the lock)."""
         del self._requests[request.id]
+        now = time.monotonic()
         if not request.started:
             self._waiting -= 1
         else:  # a slot freed: the pace Retry-After is worked out from
-            self._drain.record(time.monotonic())
+            self._drain.record(now)
+        if not self._requests:
+            self._drain.idle(now)
 
     # --- engine side (the supervisor's thread) -------------------------------------------------
 

@@ -164,8 +164,11 @@ class Scheduler:
         try:
             while True:
                 with self.lock:
-                    while not self.closed and not self.waiting and not self.running:
-                        self.lock.wait()
+                    if not self.closed and not self.waiting and not self.running:
+                        self.drain.idle(time.monotonic())  # the queue-timeout Retry-After's pace skips idle spells
+                        while not self.closed and not self.waiting and not self.running:
+                            self.lock.wait()
+                        self.drain.busy(time.monotonic())
                     if self.closed and not self.running:
                         return
                     self._expire()
