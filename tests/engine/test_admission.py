@@ -20,9 +20,7 @@ from inference.engine.llama.sequence import Sequence
 
 
 def job(client, size=1):
-    loop = asyncio.new_event_loop()
-    loop.close()
-    return [Sequence([1], (), SamplingParams(max_tokens=1), 0, loop, client=client) for _ in range(size)]
+    return [Sequence([1], (), SamplingParams(max_tokens=1), 0, client=client) for _ in range(size)]
 
 
 def test_the_queue_serves_clients_in_turn_and_keeps_a_requests_choices_together():

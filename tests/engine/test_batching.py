@@ -127,18 +127,10 @@ def test_requests_beyond_the_slots_wait_and_beyond_the_queue_are_refused(model_f
 
 def fed(params, pieces, finish):
     """What a sequence hands the event loop when fed these token bytes, and add_text's stop answers."""
-    loop = asyncio.new_event_loop()
-    try:
-        sequence = Sequence([1], (), params, 0, loop)
-        stopped = [sequence.add_text(piece) for piece in pieces]
-        sequence.finish(finish, stopped=any(stopped))
-        loop.run_until_complete(asyncio.sleep(0))
-        items = []
-        while not sequence.out.empty():
-            items.append(sequence.out.get_nowait())
-        return items, stopped
-    finally:
-        loop.close()
+    sequence = Sequence([1], (), params, 0)
+    stopped = [sequence.add_text(piece) for piece in pieces]
+    sequence.finish(finish, stopped=any(stopped))
+    return [item for _, item in sequence.outbox], stopped
 
 
 def test_n_choices_start_from_a_copy_of_the_first_ones_prompt(engine):

@@ -36,7 +36,7 @@ from llama_cpp import llama_cpp as C
 from ..base import EngineNotReady, EngineOverloaded, QueueTimeout, RequestTimeout
 from .admission import DrainRate, FairQueue
 from .sampling import Sampler
-from .sequence import STARTED, Sequence, deliver
+from .sequence import STARTED, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Scheduler:
         vocab: Any,
         is_eog: Callable[[int], bool],
         piece: Callable[[int], bytes],
-        publish: Callable[[list[tuple[Sequence, Any]]], None] = deliver,
+        publish: Callable[[list[tuple[Sequence, Any]]], None],
     ) -> None:
         self.ctx = ctx
         self.publish = publish  # hands a step's emitted items over (worker.py: to the pipe), also when there are none

@@ -1,13 +1,11 @@
 """One request inside the scheduler: its prompt, where it is, its sampler, and the text it has produced.
 
-The scheduler thread owns every field but `cancelled`; text and the final result reach the event loop through
-`emit`: into the scheduler's outbox, which it hands over once a step (`deliver`, one call_soon_threadsafe per
-event loop), the only hand-off between the two threads.
+The scheduler thread owns every field but `cancelled`; text and the final result leave through `emit`: into the
+scheduler's outbox, which it hands over once a step (worker.py sends it to the HTTP process in one message).
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import threading
 from dataclasses import dataclass, field
@@ -41,8 +39,6 @@ class Sequence:
     boundaries: tuple[int, ...]
     params: SamplingParams
     seed: int
-    loop: asyncio.AbstractEventLoop | None = None  # in the engine process: none (emitted items go to the pipe)
-    out: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Scheduler state.
     slot: int = -1
@@ -52,7 +48,7 @@ class Sequence:
     produced: int = 0
     pending: int | None = None  # sampled, to be decoded at the next step
     sampler: Sampler | None = None
-    outbox: list | None = None  # the scheduler's; None: emit straight to the loop
+    outbox: list = field(default_factory=list)  # (sequence, item) pairs; the scheduler's own once submitted
     # One of several answers to the same prompt (OpenAI's n): the first of them, whose evaluated prompt this one
     # copies instead of evaluating it again (scheduler.py, _fork).
     leader: "Sequence | None" = None
@@ -84,15 +80,8 @@ class Sequence:
         following = min((b for b in self.boundaries if b > start), default=len(self.tokens))
         return start, min(end, following, len(self.tokens))
 
-    def __post_init__(self) -> None:
-        if self.loop is not None and self.out is None:
-            self.out = asyncio.Queue()
-
     def emit(self, item: Any) -> None:
-        if self.outbox is not None:
-            self.outbox.append((self, item))
-        else:
-            deliver([(self, item)])
+        self.outbox.append((self, item))
 
     def add_text(self, piece: bytes) -> bool:
         """Append a generated token's bytes; sends what is safe to send. True when a stop sequence matched."""
@@ -120,25 +109,6 @@ class Sequence:
                 self.emit(self._held)
         self._held = ""
         self.emit(Finished(reason, self.produced, self.reused))
-
-
-def deliver(items: list[tuple[Sequence, Any]]) -> None:
-    """Hand emitted items to their event loops: one wake-up per loop, however many sequences and pieces."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-    for sequence, item in items:
-        by_loop.setdefault(sequence.loop, []).append((sequence.out, item))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
-            for sequence, _ in items:
-                if sequence.loop is loop:
-                    sequence.cancelled.set()
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in batch:
-        queue.put_nowait(item)
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:

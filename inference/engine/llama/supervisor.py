@@ -75,7 +75,7 @@ class Supervisor:
         """Start the engine process and wait until it is ready (blocking; the first load). A crash before ready
         is handled as any death; a load error (a bad model file) raises EngineStartFailed."""
         self.state = "starting"
-        while not self._spawn():
+        while not self._spawn():  # each death on the way counts toward the crash loop
             if self.state == "failed":
                 raise EngineStartFailed(self.reason or "the engine process could not start")
         self._thread = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
@@ -104,7 +104,8 @@ class Supervisor:
             conn.close()
             self.state, self.reason = "failed", f"the engine could not load the model: {message[1]}"
             raise EngineStartFailed(self.reason)
-        return self._died(before_ready=True)
+        self._died(before_ready=True)
+        return False
 
     # --- watching ------------------------------------------------------------------------------
 
@@ -117,19 +118,18 @@ class Supervisor:
             except (EOFError, OSError):
                 if self.state in ("closing", "stopped"):
                     return
-                if not self._died(before_ready=False):
-                    if self.state == "failed":
-                        return
-                    while not self._spawn():  # each death on the way counts toward the crash loop
-                        if self.state == "failed":
-                            return
+                self._died(before_ready=False)
+                while self.state != "failed" and not self._spawn():  # each death on the way counts
+                    pass
+                if self.state == "failed":
+                    return
                 self.on_ready()
                 continue
             self.on_message(message)
 
-    def _died(self, *, before_ready: bool) -> bool:
-        """Reap the dead process and decide what follows; False always (it is not running). Sets `state`:
-        restarting, or failed when it has died too often."""
+    def _died(self, *, before_ready: bool) -> None:
+        """Reap the dead process, tell the client and decide what follows: `state` becomes restarting, or failed
+        when it has died too often."""
         proc, conn = self._proc, self._conn
         assert proc is not None and conn is not None
         conn.close()
@@ -160,14 +160,12 @@ class Supervisor:
             log.error("the engine process (pid %d) %s: %d running requests ended with an error; %s; %d waiting "
                       "ones fail too", proc.pid, how, ended, self.reason, kept)
             self.on_failed(self.reason)
-            return False
-        self.state = "restarting"
+            return
         self.reason = f"the engine process {how}; restarting it"
         ended, kept = self.on_death(how)
         log.error("the engine process (pid %d) %s: %d running requests ended with an error, %d waiting ones are kept "
                   "for the new process; restarting it (death %d of %d allowed within %g s)", proc.pid, how, ended, kept,
                   len(self._deaths), self.crash_loop_deaths, self.crash_loop_seconds)
-        return False
 
     # --- commands ------------------------------------------------------------------------------
 

@@ -61,9 +61,7 @@ class Worker:
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = slots
         params.kv_unified = False  # a KV stream per slot: a sequence's cells never depend on the others (scheduler.py)
-        # llama.cpp's own default is half the cores; generation is compute-bound, so all of them is faster
-        # (measured: 40 -> 70 tokens/s on 2 cores).
-        params.n_threads = params.n_threads_batch = config["n_threads"] or len(os.sched_getaffinity(0))
+        params.n_threads = params.n_threads_batch = config["n_threads"]  # N_THREADS, resolved (native.compute_threads)
         params.no_perf = True
         # Measured here on 2 cores: flash attention (which "auto" leaves off on CPU) decodes 8 sequences at once
         # about 20% faster, and one about 10%.
@@ -93,7 +91,7 @@ class Worker:
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, -1, -1)
 
     def run(self) -> None:
-        self.send(("ready", {"n_params": self.model.n_params(), "pid": os.getpid()}))
+        self.send(("ready", {"n_params": self.model.n_params()}))
         reader = threading.Thread(target=self.read, name="engine-commands", daemon=True)
         reader.start()
         self.scheduler.run()  # returns once stopped and everything it held has ended
@@ -103,8 +101,9 @@ class Worker:
         self.model.close()
 
     def crash_exit(self) -> None:
-        """The scheduler's loop (or the command reader) raised: end the process at once, as a crash would, so that the supervisor ends what
-        was running with engine_restarted and keeps what waited (the loop's own clean-up would fail it all)."""
+        """The scheduler's loop (or the command reader) raised: end the process at once, as a crash would, so that
+        the supervisor ends what was running with engine_restarted and keeps what waited (the loop's own clean-up
+        would fail it all)."""
         logging.shutdown()
         os._exit(EXIT_LOOP_FAILED)
 
@@ -150,8 +149,8 @@ class Worker:
 
     def publish(self, items: list[tuple[Sequence, Any]]) -> None:
         """Called by the scheduler once a step (and by stop/submit from the reader thread)."""
-        scheduler = self.scheduler if hasattr(self, "scheduler") else None
-        steps = scheduler.steps if scheduler is not None else 0
+        scheduler = self.scheduler
+        steps = scheduler.steps
         now = time.monotonic()
         if not items and (steps == self._sent_steps or now - self._sent_at < HEARTBEAT):
             return
@@ -162,8 +161,7 @@ class Worker:
                 if isinstance(item, BaseException):
                     item = portable(item)
             out.append((sequence.id, item))
-        self.send(("step", steps, scheduler.tokens_generated if scheduler else 0,
-                   scheduler.prompt_tokens_reused if scheduler else 0, out))
+        self.send(("step", steps, scheduler.tokens_generated, scheduler.prompt_tokens_reused, out))
         self._sent_steps, self._sent_at = steps, now
 
     def send(self, message: tuple) -> None:
