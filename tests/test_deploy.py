@@ -8,6 +8,7 @@ kubectl is on our machines; elsewhere these tests are skipped, except in CI, whi
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -18,6 +19,9 @@ from inference.config import ConfigError, Settings
 KUBECTL = shutil.which("kubectl")
 if not KUBECTL and not os.environ.get("CI"):
     pytest.skip("kubectl is not installed", allow_module_level=True)
+sys.path.insert(0, str(ROOT / "scripts"))
+import manifests  # noqa: E402  (scripts/manifests.py: every overlay with every component set)
+
 # Variables the OpenTelemetry SDK reads itself (not Settings fields).
 OTEL_SDK = {"OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
 
@@ -136,3 +140,49 @@ def test_compose_settings_are_ones_the_service_accepts():
     assert app["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "healthcheck" in compose["services"]["redis"]
     assert app["read_only"] and app["cap_drop"] == ["ALL"]
+
+
+def objects_of(text):
+    return [o for o in yaml.safe_load_all(text) if o]
+
+
+@pytest.mark.parametrize("overlay", manifests.OVERLAYS)
+@pytest.mark.parametrize("component_set", manifests.COMPONENT_SETS, ids=lambda c: "+".join(c) or "alone")
+def test_every_rendering_meets_pod_security_restricted(overlay, component_set):
+    """Every overlay enforces `restricted` on its namespace: each pod it renders, with any documented set of
+    components (the vLLM Deployment of gpu-upstream included), must be admitted."""
+    objects = objects_of(manifests.render(overlay, component_set, kubectl=KUBECTL))
+    namespaces = [o for o in objects if o["kind"] == "Namespace"]
+    assert [n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] for n in namespaces] == ["restricted"]
+    assert manifests.restricted_violations(objects) == []
+
+
+def test_the_restricted_check_refuses_what_admission_would():
+    def deployment(pod_security, container_security):
+        return {"kind": "Deployment", "metadata": {"name": "x", "namespace": "ns"}, "spec": {"template": {"spec": {
+            "securityContext": pod_security, "volumes": [{"name": "v", "emptyDir": {}}],
+            "containers": [{"name": "c", "securityContext": container_security}]}}}}
+    namespace = {"kind": "Namespace", "metadata": {"name": "ns",
+                                                   "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    good_pod = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    good = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert manifests.restricted_violations([namespace, deployment(good_pod, good)]) == []
+    root = deployment({"seccompProfile": {"type": "RuntimeDefault"}}, good)  # the vLLM Deployment before
+    assert manifests.restricted_violations([namespace, root]) == ["Deployment/x container c: runAsNonRoot is not true"]
+    assert manifests.restricted_violations([root]) == []  # no namespace that enforces it
+    escalating = deployment(good_pod, {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}})
+    assert len(manifests.restricted_violations([namespace, escalating])) == 2
+    host = deployment(good_pod, good)
+    host["spec"]["template"]["spec"]["volumes"] = [{"name": "h", "hostPath": {"path": "/"}}]
+    assert manifests.restricted_violations([namespace, host]) == ["Deployment/x: volume h is a hostPath"]
+
+
+@pytest.mark.parametrize("overlay", manifests.OVERLAYS)
+def test_keda_queries_count_the_overlays_own_pods(overlay):
+    objects = objects_of(manifests.render(overlay, ("autoscaling-keda",), kubectl=KUBECTL))
+    (namespace,) = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    (scaled,) = [o for o in objects if o["kind"] == "ScaledObject"]
+    queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+    assert len(queries) == 2
+    for query in queries:
+        assert f'{{namespace="{namespace}"}}' in query, query
