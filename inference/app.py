@@ -48,7 +48,8 @@ def create_store(settings: Settings) -> Store:
     if settings.redis_url:
         from .store.redis import RedisStore
 
-        return RedisStore(settings.redis_url, timeout=settings.redis_timeout_ms / 1000)
+        return RedisStore(settings.redis_url, password=settings.redis_auth,
+                          timeout=settings.redis_timeout_ms / 1000)
     return MemoryStore(settings.cache_max_bytes)
 
 

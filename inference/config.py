@@ -172,6 +172,18 @@ def _keys_file(raw: str) -> Path | None:
     return path
 
 
+def _secret_file(raw: str) -> Path | None:
+    path = _existing_file(raw)
+    if path is not None:
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot be read: {exc}") from None
+        if not secret:
+            raise ValueError(f"{path} is empty")
+    return path
+
+
 def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -185,6 +197,8 @@ class Settings:
     environment: str = "development"
     log_level: str = "INFO"
     redis_url: str | None = None
+    redis_password: str | None = None
+    redis_password_file: Path | None = None
     redis_key_prefix: str = "inference"
     redis_timeout_ms: int = 200
     rate_limit_enabled: bool = True
@@ -233,6 +247,7 @@ class Settings:
     idempotency_ttl_seconds: int = 3600
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
+    docs_enabled: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> "Settings":
@@ -274,6 +289,13 @@ class Settings:
         return tuple(dict.fromkeys(keys))
 
     @property
+    def redis_auth(self) -> str | None:
+        """REDIS_PASSWORD, else the content of REDIS_PASSWORD_FILE (a mounted Secret), else None."""
+        if self.redis_password is None and self.redis_password_file is not None:
+            return self.redis_password_file.read_text().strip()
+        return self.redis_password
+
+    @property
     def burst(self) -> int:
         return self.rate_limit_burst or self.rate_limit_per_minute
 
@@ -289,6 +311,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "environment": _choice(ENVIRONMENTS),
     "log_level": _choice(LOG_LEVELS, upper=True),
     "redis_url": _url(("redis", "rediss", "unix")),
+    "redis_password": _optional_text,
+    "redis_password_file": _secret_file,
     "redis_key_prefix": _key_prefix,
     "redis_timeout_ms": _int(1, 60_000),
     "rate_limit_enabled": _bool,
@@ -337,4 +361,5 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "idempotency_ttl_seconds": _int(1),
     "system_prompt": _text,
     "chat_system_prompt": _bool,
+    "docs_enabled": _bool,
 }

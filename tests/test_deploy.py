@@ -57,6 +57,10 @@ def test_every_setting_is_one_the_service_accepts(rendered, tmp_path):
         keys = tmp_path / "keys"
         keys.write_text("a-key-for-the-test\n")
         env["API_KEYS_FILE"] = str(keys)  # the Secret's mount, here
+    if env.get("REDIS_PASSWORD_FILE"):
+        password = tmp_path / "password"
+        password.write_text("a-password-for-the-test\n")
+        env["REDIS_PASSWORD_FILE"] = str(password)
     env["N_THREADS"] = "2"  # from the Downward API (limits.cpu)
     try:
         Settings.from_env(env, env_file=None)
@@ -186,3 +190,61 @@ def test_keda_queries_count_the_overlays_own_pods(overlay):
     assert len(queries) == 2
     for query in queries:
         assert f'{{namespace="{namespace}"}}' in query, query
+
+
+def routed(ingress, path):
+    """Whether an Ingress sends `path` anywhere (Kubernetes' matching: Exact, or Prefix by whole path elements)."""
+    for rule in ingress["spec"]["rules"]:
+        for entry in rule["http"]["paths"]:
+            prefix = entry["path"]
+            if entry["pathType"] == "Exact" and path == prefix:
+                return True
+            if entry["pathType"] in ("Prefix", "ImplementationSpecific") and (
+                    path == prefix or path.startswith(prefix.rstrip("/") + "/")):
+                return True
+    return False
+
+
+def test_only_the_api_is_reachable_through_the_ingress():
+    """The internet gets the API (the paths API keys protect); metrics and probes stay in the cluster, docs and
+    the playground are opt-in (off in the cluster's settings, not routed)."""
+    from inference.middleware.auth import PROTECTED_PREFIXES
+
+    objects = render("prod")
+    ingress = objects[("Ingress", "inference")]
+    public = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/x", "/api/v1/infer",
+              "/api/v1/model", "/tokenize", "/detokenize"]
+    assert all(path.startswith(PROTECTED_PREFIXES) for path in public)
+    for path in public:
+        assert routed(ingress, path), path
+    for path in ("/metrics", "/health", "/ready", "/", "/docs", "/docs/swagger-ui.css", "/openapi.json",
+                 "/playground", "/v1x", "/tokenize/x"):
+        assert not routed(ingress, path), f"{path} is reachable through the ingress"
+    for overlay in ("staging", "prod"):
+        assert config(render(overlay))["DOCS_ENABLED"] == "false"
+    assert config(render("dev"))["DOCS_ENABLED"] == "true"
+
+
+@pytest.mark.parametrize("overlay", manifests.OVERLAYS)
+def test_redis_needs_the_password_the_service_gets_from_the_same_secret(overlay):
+    objects = render(overlay)
+
+    def secret_mount(name):
+        """The Secret a Deployment mounts (as files, not environment variables) and where."""
+        pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName", "").startswith("redis-auth")]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        return volume["secret"]["secretName"], mount["mountPath"]
+
+    secret, path = secret_mount("redis")
+    redis = container(objects, "redis")
+    assert f'--requirepass "$(cat {path}/password)"' in redis["args"][0]
+    assert f"{path}/password" in " ".join(redis["readinessProbe"]["exec"]["command"])  # redis-cli must AUTH too
+    service_secret, service_path = secret_mount("inference")
+    assert service_secret == secret
+    settings = config(objects)
+    assert settings["REDIS_PASSWORD_FILE"] == f"{service_path}/password"
+    assert "@" not in settings["REDIS_URL"]  # no credentials in a ConfigMap
+    generated = [name for kind, name in objects if kind == "Secret"]
+    # dev generates its own; staging and prod use one made outside git (README "Kubernetes").
+    assert (secret in generated) == (overlay == "dev")

@@ -112,3 +112,18 @@ def test_openapi_limits_come_from_settings(app):
     assert schema["properties"]["max_tokens"]["maximum"] == 256
     assert schema["required"] == ["prompt"]
     assert set(doc["paths"]) >= {"/", "/health", "/ready", "/api/v1/model", "/api/v1/infer", "/openapi.json", "/docs"}
+
+
+def test_docs_and_playground_are_opt_in(engine):
+    """DOCS_ENABLED=false (the cluster's setting): Swagger UI, the OpenAPI document and the playground do not exist,
+    and the index does not link them; the API, probes and metrics stay."""
+    app = build_app(base_settings(docs_enabled=False), engine=engine)
+    for path in ("/docs", "/docs/swagger-ui.css", "/openapi.json", "/playground"):
+        result = asyncio.run(call_asgi(app, "GET", path))
+        assert result.status == 404, path
+    for path in ("/health", "/metrics"):
+        assert asyncio.run(call_asgi(app, "GET", path)).status == 200, path
+    links = asyncio.run(call_asgi(app, "GET", "/")).json()["links"]
+    assert not {"docs", "openapi", "playground"} & set(links)
+    opened = build_app(base_settings(), engine=engine)
+    assert asyncio.run(call_asgi(opened, "GET", "/openapi.json")).status == 200

@@ -1,4 +1,5 @@
-"""The service's own endpoints: index, liveness, readiness, model card, OpenAPI document and Swagger UI."""
+"""The service's own endpoints: index, liveness, readiness, model card, metrics; with DOCS_ENABLED the OpenAPI
+document, Swagger UI and the playground."""
 
 from __future__ import annotations
 
@@ -44,15 +45,15 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
     """`documented` is the app's full route list, read when /openapi.json is first asked for."""
     settings = service.settings
     docs_page = DOCS_PAGE.format(title=SERVICE_NAME).encode()
+    links = {"health": "/health", "ready": "/ready", "model": "/api/v1/model", "infer": "/api/v1/infer",
+             "metrics": "/metrics", "openai": "/v1"}
+    if settings.docs_enabled:
+        links.update(docs="/docs", openapi="/openapi.json", playground="/playground")
 
     async def index(request: Request) -> Response:
         model = service.engine.info.name if service.engine.loaded else None
         return json_response(asdict(ServiceResponse(
-            name=SERVICE_NAME, version=__version__, environment=settings.environment, model=model,
-            links={"docs": "/docs", "openapi": "/openapi.json", "health": "/health", "ready": "/ready",
-                   "model": "/api/v1/model", "infer": "/api/v1/infer", "playground": "/playground",
-                   "metrics": "/metrics",
-                   "openai": "/v1"},
+            name=SERVICE_NAME, version=__version__, environment=settings.environment, model=model, links=links,
         )))
 
     async def health(request: Request) -> Response:
@@ -114,7 +115,7 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
             raise HTTPError(404, "not_found", f"no endpoint at {request.path}")
         return Response(_asset(name), media_type=DOCS_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
 
-    return [
+    own = [
         Route("GET", "/", index, summary="Service name, version and links", response_schema=ServiceResponse),
         Route("GET", "/health", health, summary="Liveness: the process answers", response_schema=HealthResponse),
         Route("GET", "/ready", ready, summary="Readiness: the model is loaded and work is accepted",
@@ -122,6 +123,10 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         Route("GET", "/api/v1/model", model, summary="The served model", response_schema=ModelResponse, errors=(503,)),
         Route("GET", "/metrics", metrics, summary="Prometheus metrics (OpenMetrics on request)",
               media_type="text/plain"),
+    ]
+    if not settings.docs_enabled:  # DOCS_ENABLED=false: the routes below do not exist (404)
+        return own
+    return own + [
         Route("GET", "/openapi.json", openapi_json, summary="This document"),
         Route("GET", "/docs", docs, summary="Swagger UI", media_type="text/html"),
         Route("GET", "/playground", playground, summary="Chat with the model in the browser", media_type="text/html"),

@@ -32,10 +32,12 @@ def _script(name: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, timeout: float = 0.2, on_state: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, url: str, *, password: str | None = None, timeout: float = 0.2,
+                 on_state: Callable[[bool], None] | None = None) -> None:
         self.url = url
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, max_connections=MAX_CONNECTIONS, retry_on_timeout=False,
+            # A password in the URL wins over `password` (REDIS_PASSWORD, which keeps it out of the URL).
+            url, password=password, socket_timeout=timeout, max_connections=MAX_CONNECTIONS, retry_on_timeout=False,
             # New connections come in bursts (a cold pool meeting concurrent requests) on a busy event loop:
             # give connecting more room than a command, so a burst is not mistaken for an outage.
             socket_connect_timeout=max(timeout, MIN_CONNECT_TIMEOUT),

@@ -187,3 +187,37 @@ def test_a_pool_of_connections_from_before_a_redis_restart_does_not_delay_recove
         run(scenario())
     finally:
         own.stop()
+
+
+def test_redis_password_comes_from_its_own_setting(key_prefix, tmp_path):
+    """REDIS_PASSWORD, or REDIS_PASSWORD_FILE (a Secret mounted as a file in Kubernetes), authenticates a REDIS_URL
+    that carries none; without it the store reports Redis unavailable instead of failing requests."""
+    from conftest import RedisServer
+
+    from inference.app import create_store
+    from inference.config import Settings
+    from inference.store.base import StoreUnavailable
+
+    own = RedisServer(password="s3cret-from-a-secret")
+
+    async def scenario():
+        settings = Settings.from_env({"REDIS_URL": own.url, "REDIS_PASSWORD": own.password}, env_file=None)
+        store = create_store(settings)
+        await store.cache_set(f"{key_prefix}:k", b"v", 60)
+        assert await store.cache_get(f"{key_prefix}:k") == b"v"
+        await store.close()
+        secret = tmp_path / "password"
+        secret.write_text(own.password + "\n")
+        from_file = create_store(Settings.from_env({"REDIS_URL": own.url, "REDIS_PASSWORD_FILE": str(secret)},
+                                                   env_file=None))
+        assert await from_file.cache_get(f"{key_prefix}:k") == b"v"
+        await from_file.close()
+        anonymous = create_store(Settings.from_env({"REDIS_URL": own.url}, env_file=None))
+        with pytest.raises(StoreUnavailable):
+            await anonymous.cache_get(f"{key_prefix}:k")
+        await anonymous.close()
+
+    try:
+        run(scenario())
+    finally:
+        own.stop()
