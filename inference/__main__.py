@@ -14,6 +14,9 @@ from .logs import configure as configure_logging
 from .models import ModelUnavailable, pull
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers uvicorn buffers
+# Open files the service needs besides client connections: the model, Redis's pool (64), the engine and export
+# processes' pipes, logs, sockets to the upstream.
+FILES_RESERVED = 256
 
 
 def freeze_heap() -> None:
@@ -73,12 +76,33 @@ def healthcheck(settings: Settings, path: str = "/ready", timeout: float = 3.0) 
     return 0 if status == 200 else 1
 
 
+def raise_open_file_limit(connections: int) -> int:
+    """Raise this process's soft limit on open files towards its hard limit, enough for `connections` plus what the
+    service itself holds (FILES_RESERVED); returns the limit now in force. Many systems start processes at a soft
+    limit of 1024 with a far higher hard one."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + FILES_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logging.getLogger(__name__).warning(
+            "MAX_CONNECTIONS=%d needs %d open files, the limit is %d: at most %d connections are held",
+            connections, wanted, soft, soft - FILES_RESERVED)
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
 def serve(settings: Settings) -> int:
     import threading
 
     import uvicorn
 
     from .app import build_app
+    from .protocol import guarded_protocol
 
     failed = False
     server: uvicorn.Server | None = None
@@ -116,8 +140,12 @@ def serve(settings: Settings) -> int:
         def _stop_accepting(self) -> None:
             self.should_exit = True
 
+    open_files = raise_open_file_limit(settings.max_connections)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
+        # Connections (MAX_CONNECTIONS) and the time to send a request head (HEAD_TIMEOUT_SECONDS), bounded.
+        http=guarded_protocol(max(1, min(settings.max_connections, open_files - FILES_RESERVED)),
+                              settings.head_timeout_seconds, HEAD_LIMIT),
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) + 1,
         # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
         proxy_headers=False,

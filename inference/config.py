@@ -233,6 +233,8 @@ class Settings:
     engine_crash_loop_seconds: float = 60.0
     max_body_bytes: int = 1024 * 1024
     body_timeout_seconds: float = 30.0
+    head_timeout_seconds: float = 10.0
+    max_connections: int = 1024
     max_tokens_limit: int = 1024
     max_queued_requests: int = 64
     max_concurrent_requests: int = 8
@@ -347,6 +349,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "engine_crash_loop_seconds": _float(1, 86400),
     "max_body_bytes": _int(1024),
     "body_timeout_seconds": _float(0.1, 3600),
+    "head_timeout_seconds": _float(0.1, 3600),
+    "max_connections": _int(1, 1_000_000),
     "max_tokens_limit": _int(1),
     "max_queued_requests": _int(1),
     "max_concurrent_requests": _int(1, 256),

@@ -235,7 +235,17 @@ class Service:
         usage counting the prompt once and every choice's tokens."""
         info = self.model()
         request = replace(request, client=client or "", deadline=self._deadline(scope, request.stream))
-        reserved = await self._reserve(request, client, n) if self.token_policy and client else 0
+        # The engine's refusals (no room in the queue, a prompt too long to tokenize) come before any work they
+        # would waste: the token budget's round trip, rendering, tokenizing.
+        try:
+            admission = self.engine.admit(request, n)
+        except EngineError as exc:
+            raise engine_http_error(exc) from None
+        try:
+            reserved = await self._reserve(request, client, n) if self.token_policy and client else 0
+        except BaseException:
+            admission.release()
+            raise
         attributes = _generation_attributes(request, info)
         if n > 1:
             attributes["gen_ai.request.choice.count"] = n
@@ -243,8 +253,8 @@ class Service:
             f"{'chat' if request.messages is not None else 'text_completion'} {info.name}", attributes=attributes)
         started = time.perf_counter()
         try:
-            generations = ([await self.engine.generate(request)] if n == 1
-                           else await self.engine.generate_many(request, n))
+            generations = ([await self.engine.generate(request, admission)] if n == 1
+                           else await self.engine.generate_many(request, n, admission))
         except BaseException as exc:
             self._refund(client, reserved)
             span.set_status(Status(StatusCode.ERROR, str(exc)))

@@ -11,6 +11,11 @@
   drain     8 streams in flight, then SIGTERM: /ready turns 503 at once, every stream ends with [DONE], the
             process exits (0 or the re-raised SIGTERM) well within its shutdown timeout.
   redis     closed-loop load with Redis for cache and limits, Redis killed and started again mid-load: no 5xx.
+  slow      MAX_CONNECTIONS=100, HEAD_TIMEOUT_SECONDS=3: 400 connections (4x the limit) trickle request heads a
+            byte a second, each reopened as soon as the server closes it, for 15 s; meanwhile a normal client
+            asks for /health and a short chat on a new connection twice a second. Every normal request must be
+            served (200); no trickling connection may live longer than the head timeout (so none holds a file
+            descriptor for long), and they must be closed by the server (408, or displaced with a 503).
 
     python scripts/hardening_test.py [--only burst,drain] [--json report.json]
 
@@ -272,7 +277,102 @@ async def redis_restart(report: dict[str, Any], failures: list[str]) -> None:
         failures.append(f"redis: {counts}")
 
 
-SCENARIOS = {"burst": burst, "fairness": fairness, "drain": drain, "redis": redis_restart}
+async def slow_clients(report: dict[str, Any], failures: list[str]) -> None:
+    limit, head_timeout, attackers, seconds = 100, 3.0, 400, 15.0
+    server = Server(MAX_CONNECTIONS=str(limit), HEAD_TIMEOUT_SECONDS=str(head_timeout))
+    closed: dict[str, int] = {}
+    lifetimes: list[float] = []
+    opened = 0
+    stop = asyncio.Event()
+
+    async def trickle() -> None:
+        nonlocal opened
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            except OSError:
+                closed["connect_error"] = closed.get("connect_error", 0) + 1
+                await asyncio.sleep(0.1)
+                continue
+            opened += 1
+            born = time.monotonic()
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1000
+            answer = b""
+            try:
+                for byte in head:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    try:
+                        answer = await asyncio.wait_for(reader.read(4096), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if stop.is_set():
+                            break
+                        continue
+                    break  # the server answered (or closed): this connection is over
+            except OSError:
+                answer = b"reset"
+            status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else (
+                "closed" if answer in (b"", b"reset") else "other")
+            closed[status] = closed.get(status, 0) + 1
+            if status != "other" and not stop.is_set():
+                lifetimes.append(time.monotonic() - born)
+            writer.close()
+
+    def open_files() -> int:
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in [server.proc.pid, *_children(server.proc.pid)])
+
+    try:
+        baseline_files = open_files()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as warm:
+            model = await model_id(warm)
+        tasks = [asyncio.create_task(trickle()) for _ in range(attackers)]
+        await asyncio.sleep(head_timeout / 2)  # the flood is on
+        latencies: list[float] = []
+        statuses: dict[str, int] = {}
+        most_files = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            # A new connection each time (no keep-alive), as a client arriving during the flood would.
+            async with httpx.AsyncClient(base_url=server.url, timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                for path, body in (("/health", None), ("/v1/chat/completions", {**chat(8), "model": model})):
+                    begun = time.perf_counter()
+                    try:
+                        response = await (client.get(path) if body is None else client.post(path, json=body))
+                        status = str(response.status_code)
+                    except httpx.TransportError as exc:
+                        status = type(exc).__name__
+                    latencies.append((time.perf_counter() - begun) * 1000)
+                    statuses[status] = statuses.get(status, 0) + 1
+            most_files = max(most_files, open_files())
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(1)
+        after_files = open_files()
+        ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
+    finally:
+        server.stop()
+    normal = sum(statuses.values())
+    report["slow"] = {"max_connections": limit, "head_timeout_s": head_timeout, "trickling_clients": attackers,
+                      "trickling_connections_opened": opened, "trickling_connections_ended": closed,
+                      "normal_requests": normal, "normal_by_status": statuses,
+                      "normal_p50_ms": round(percentile(latencies, 0.5), 1),
+                      "normal_max_ms": round(max(latencies, default=0), 1),
+                      "trickler_longest_life_s": round(max(lifetimes, default=0), 2),
+                      "open_files_before": baseline_files, "open_files_most": most_files,
+                      "open_files_after": after_files, "ready_after": ready}
+    if statuses.get("200", 0) != normal or normal == 0:
+        failures.append(f"slow: a normal client was not served during the flood: {statuses}")
+    if max(lifetimes, default=0) > head_timeout + 1:
+        failures.append(f"slow: a trickling connection lived {max(lifetimes):.1f} s (head timeout {head_timeout} s)")
+    if not closed.get("408"):
+        failures.append(f"slow: tricklers were not closed by the head timeout and the limit: {closed}")
+    if after_files > baseline_files + 10 or ready != 200:
+        failures.append(f"slow: the server did not return to normal ({after_files} open files, /ready {ready})")
+
+
+SCENARIOS = {"burst": burst, "fairness": fairness, "drain": drain, "redis": redis_restart, "slow": slow_clients}
 
 
 def main() -> int:

@@ -245,3 +245,51 @@ def test_a_body_that_trickles_in_too_slowly_is_a_408(engine):
 def test_a_long_query_string_is_a_414(client):
     response = client.get("/health", params={"q": "x" * 5000})
     assert response.status_code == 414 and response.json()["error"]["code"] == "uri_too_long"
+
+
+def test_a_full_queue_answers_503_overloaded_with_retry_after_in_each_dialect(model_file):
+    """The HTTP path of an overload: a busy engine with one queue place, then a burst. One request takes the
+    place; the rest are refused at once (503 `overloaded`, a Retry-After in seconds, the route's error shape)."""
+    with own_engine(model_file, max_concurrent=1, max_queued=1) as small:
+        async def scenario():
+            async with Running(build_app(base_settings(rate_limit_enabled=False), engine=small)) as app:
+                hog = asyncio.ensure_future(call_asgi(app, "POST", "/v1/chat/completions", chat(small)))
+                while not small.tokens_generated:
+                    await asyncio.sleep(0.01)  # polling another thread's counter: no event to await
+                native = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+                paths = ["/v1/chat/completions"] * 4 + ["/api/v1/infer"] * 2
+                pending = [asyncio.ensure_future(call_asgi(
+                    app, "POST", path, chat(small, max_tokens=2) if path.startswith("/v1") else native, JSON))
+                    for path in paths]
+                # Every refusal comes while the hog still generates; the request holding the place waits for it.
+                while sum(p.done() for p in pending) < len(pending) - 1:
+                    await asyncio.wait([p for p in pending if not p.done()], return_when=asyncio.FIRST_COMPLETED)
+                hog.cancel()
+                return list(zip(paths, await asyncio.gather(*pending)))
+
+        answers = asyncio.run(scenario())
+    refused = [(path, r) for path, r in answers if r.status == 503]
+    assert len(refused) == 5 and sorted(r.status for _, r in answers) == [200, 503, 503, 503, 503, 503]
+    for path, response in refused:
+        error = response.json()["error"]
+        assert error["code"] == "overloaded" and "waiting" in error["message"]
+        assert int(response.headers["retry-after"]) >= 1
+        # OpenAI's shape on /v1 (its SDKs read `type`), ours on /api/v1.
+        assert ("type" in error) == path.startswith("/v1/"), (path, error)
+
+
+def test_a_prompt_longer_than_the_context_is_400_naming_the_limit_without_tokenizing(engine):
+    async def scenario():
+        async with Running(build_app(base_settings(), engine=engine)) as app:
+            prompt = "x" * (engine._max_prompt_chars + 1)
+            chat_body = json.dumps({"model": engine.info.name, "messages": [{"role": "user", "content": prompt}],
+                                    "max_tokens": 2}).encode()
+            native_body = json.dumps({"prompt": prompt, "max_tokens": 2}).encode()
+            return (await call_asgi(app, "POST", "/v1/chat/completions", chat_body, JSON),
+                    await call_asgi(app, "POST", "/api/v1/infer", native_body, JSON))
+
+    for response in asyncio.run(scenario()):
+        assert response.status == 400, response.body[:300]
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert f"holds at most {engine._max_prompt_chars}" in error["message"]

@@ -8,7 +8,7 @@ Generation early (client gone) cancels the work behind it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol
+from typing import AsyncIterator, Callable, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
 
@@ -105,6 +105,18 @@ class ContextLengthExceeded(EngineError):
         self.prompt_tokens, self.max_tokens, self.n_ctx = prompt_tokens, max_tokens, n_ctx
 
 
+class PromptTooLong(ContextLengthExceeded):
+    """Refused before tokenizing: the prompt has more characters than the context could hold even if every token
+    stood for the longest piece in the vocabulary."""
+
+    def __init__(self, characters: int, limit: int, n_ctx: int, longest: int) -> None:
+        EngineError.__init__(
+            self, f"the prompt is {characters} characters; the model's context of {n_ctx} tokens holds at most "
+                  f"{limit} (no token stands for more than {longest} bytes); shorten the prompt")
+        self.prompt_tokens, self.max_tokens, self.n_ctx = None, None, n_ctx
+        self.characters, self.limit = characters, limit
+
+
 class InvalidPrompt(EngineError):
     """The request cannot be turned into a prompt (e.g. the chat template rejects the messages)."""
 
@@ -186,6 +198,27 @@ class Generation(Protocol):
         """Cancel if still running and stop iterating at once."""
 
 
+class Admission:
+    """Places held in an engine's queue for a request that is not queued yet (`Engine.admit`): taken before any
+    work a refusal would waste (rendering, tokenizing, a token-budget round trip), given to `generate`, which turns
+    them into queued requests, or released if the request ends before that. Releasing twice is harmless."""
+
+    __slots__ = ("n", "_release")
+
+    def __init__(self, n: int, release: Callable[[], None] | None = None) -> None:
+        self.n = n
+        self._release = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def detach(self) -> None:
+        """The places became queued requests (the engine counts them from here): nothing left to release."""
+        self._release = None
+
+
 class Engine(Protocol):
     @property
     def info(self) -> ModelInfo: ...
@@ -196,10 +229,16 @@ class Engine(Protocol):
     def load(self) -> None:
         """Load the model; blocking, called once from a worker thread at start-up."""
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        """Validate and queue `request`; raises EngineError subclasses before any token is produced."""
+    def admit(self, request: GenerationRequest, n: int = 1) -> Admission:
+        """Hold `n` places in the queue for `request`, or refuse it at once (EngineOverloaded, EngineNotReady,
+        PromptTooLong): no I/O, no tokenizing, so a refusal costs nothing."""
 
-    async def generate_many(self, request: GenerationRequest, n: int) -> list[Generation]:
+    async def generate(self, request: GenerationRequest, admission: Admission | None = None) -> Generation:
+        """Validate and queue `request` (in the places `admission` holds, else admitting it first); raises
+        EngineError subclasses before any token is produced."""
+
+    async def generate_many(self, request: GenerationRequest, n: int,
+                            admission: Admission | None = None) -> list[Generation]:
         """`n` independent answers to one prompt (OpenAI's `n`), all queued or none; choice i of a seeded
         request uses seed + i."""
 

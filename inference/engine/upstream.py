@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .base import (
+    Admission,
     ChatMessage,
     EngineNotReady,
     FinishReason,
@@ -266,7 +267,13 @@ class UpstreamEngine:
             self._urls = {"chat": URL(f"{self.base_url}/chat/completions"), "text": URL(f"{self.base_url}/completions")}
         return self._session
 
-    async def generate(self, request: GenerationRequest) -> UpstreamGeneration:
+    def admit(self, request: GenerationRequest, n: int = 1) -> Admission:
+        """Nothing to hold: the upstream queues (and refuses, 429/503, which are passed on) by itself."""
+        if self._info is None or self._closed.is_set():
+            raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
+        return Admission(n)
+
+    async def generate(self, request: GenerationRequest, admission: Admission | None = None) -> UpstreamGeneration:
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
         aiohttp = _aiohttp()
@@ -336,7 +343,8 @@ class UpstreamEngine:
         for generation in list(self._live):
             generation.abort()
 
-    async def generate_many(self, request: GenerationRequest, n: int) -> list[UpstreamGeneration]:
+    async def generate_many(self, request: GenerationRequest, n: int,
+                            admission: Admission | None = None) -> list[UpstreamGeneration]:
         """`n` requests to the upstream side by side (choice i of a seeded request with seed + i), so each choice
         streams on its own connection and the upstream batches them as it batches any requests."""
         params = request.params

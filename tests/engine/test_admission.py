@@ -11,6 +11,8 @@ from inference.engine.base import (
     ChatMessage,
     EngineOverloaded,
     GenerationRequest,
+    InvalidPrompt,
+    PromptTooLong,
     QueueTimeout,
     RequestTimeout,
     SamplingParams,
@@ -198,3 +200,52 @@ def test_a_queued_request_whose_client_left_never_runs(model_file):
 
         pieces, left, depth = asyncio.run(scenario())
     assert pieces == [] and left.finish_reason is None and left.completion_tokens == 0 and depth == 0
+
+
+def test_a_burst_into_an_empty_queue_is_refused_before_any_of_it_is_prepared(model_file):
+    """Queue places are held from admission on: of a burst far larger than the queue, only what fits is rendered
+    and tokenized; the rest is refused at once. A request whose preparation fails gives its place back."""
+    with own_engine(model_file, max_concurrent=1, max_queued=2) as engine:
+        prepared = []
+        prepare = engine._prepare
+
+        def counting(request):
+            prepared.append(request)
+            return prepare(request)
+
+        engine._prepare = counting  # observe how many requests reach the tokenizer
+        bad = GenerationRequest(SamplingParams(max_tokens=2, logit_bias=((10**9, 1.0),)),
+                                messages=[ChatMessage("user", "Hi")])
+        with pytest.raises(InvalidPrompt):
+            asyncio.run(engine.generate(bad))
+        assert engine._admitted == 0 and prepared == [bad]
+        prepared.clear()
+
+        async def scenario():
+            results = await asyncio.gather(*(engine.generate(request(f"Name fruit number {i}.", max_tokens=2))
+                                             for i in range(12)), return_exceptions=True)
+            accepted = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, EngineOverloaded)]
+            for generation in accepted:
+                await generation.aclose()
+            return accepted, refused
+
+        accepted, refused = asyncio.run(scenario())
+        assert (len(accepted), len(refused), len(prepared)) == (2, 10, 2)
+        assert engine._admitted == 0
+
+
+def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizing(engine):
+    limit = engine._max_prompt_chars
+    longest = limit // engine.n_ctx
+    assert 1 <= longest <= 256 and limit == engine.n_ctx * longest
+    tokenized = []
+    prepare = engine._prepare
+    engine._prepare = lambda r: tokenized.append(r) or prepare(r)
+    try:
+        with pytest.raises(PromptTooLong) as refused:
+            asyncio.run(engine.generate(request("x" * (limit + 1), max_tokens=2)))
+    finally:
+        del engine._prepare
+    assert tokenized == [] and engine._admitted == 0
+    assert f"holds at most {limit}" in str(refused.value) and refused.value.n_ctx == engine.n_ctx

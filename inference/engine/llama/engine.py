@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..base import (
+    Admission,
     ContextLengthExceeded,
     EngineError,
     EngineNotReady,
@@ -36,10 +37,11 @@ from ..base import (
     GenerationRequest,
     InvalidPrompt,
     ModelInfo,
+    PromptTooLong,
     TokenLogprob,
 )
 from .admission import DrainRate
-from .native import compute_threads, cpu_quota, load_model
+from .native import compute_threads, cpu_quota, load_model, longest_piece
 from .scheduler import TokenLogprobs
 from .sequence import Finished, Started
 from .supervisor import Supervisor
@@ -199,6 +201,8 @@ class LlamaEngine:
         self._ids = itertools.count(1)
         self._jobs = itertools.count(1)
         self._waiting = 0  # requests not started yet
+        self._admitted = 0  # places held by requests being prepared (admit() -> generate_many())
+        self._max_prompt_chars = 0  # n_ctx x the longest piece: no longer prompt can fit (set at load)
         self._drain = DrainRate()
         # What the engine reports once per step; the _base_ counters hold what processes that died had reached.
         self._steps = self._tokens = self._reused = 0
@@ -280,6 +284,7 @@ class LlamaEngine:
         self._prefix_formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text,
                                                      add_generation_prompt=False)
         self._vocab = vocab
+        self._max_prompt_chars = self.n_ctx * longest_piece(vocab)
         threads = self.n_threads
         if not threads:  # N_THREADS=0: what this process may really use (a container's quota, not the host's cores)
             threads, why = compute_threads(cpu_quota())
@@ -316,20 +321,55 @@ class LlamaEngine:
 
     # --- request side (event loop) -------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> LlamaGeneration:
-        return (await self.generate_many(request, 1))[0]
+    async def generate(self, request: GenerationRequest, admission: Admission | None = None) -> LlamaGeneration:
+        return (await self.generate_many(request, 1, admission))[0]
 
-    async def generate_many(self, request: GenerationRequest, n: int) -> list[LlamaGeneration]:
-        """`n` answers to one prompt: the first evaluates it, the others start from a copy of its KV cache."""
+    def admit(self, request: GenerationRequest, n: int = 1) -> Admission:
+        """Hold `n` places in the queue for `request`, about to be prepared, or refuse it at once: a prompt too long
+        for the context (PromptTooLong), no room (EngineOverloaded). A burst into an empty queue is refused before
+        any of it is rendered or tokenized."""
+        self.check_length(request)
         supervisor = self._supervisor
         if supervisor is None or self._closed:
             raise EngineNotReady("the model is not loaded" if not self._closed else "the service is shutting down")
         if supervisor.state == "failed":
             raise EngineNotReady(supervisor.reason or "the engine failed")
-        # Refused before any rendering or tokenizing: overload must cost almost nothing.
-        if self._waiting >= self.max_queued:
-            raise EngineOverloaded(self._waiting, self.retry_after())
-        tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
+        with self._lock:
+            held = self._waiting + self._admitted
+            if held + n > max(self.max_queued, n):
+                raise EngineOverloaded(held, self.retry_after())
+            self._admitted += n
+        return Admission(n, lambda: self._unadmit(n))
+
+    def _unadmit(self, n: int) -> None:
+        with self._lock:
+            self._admitted -= n
+
+    def check_length(self, request: GenerationRequest) -> None:
+        """Refuse, before tokenizing, a prompt with more characters than the context could hold (each character is
+        at least a byte, and no token stands for more than the vocabulary's longest piece)."""
+        if request.messages is not None:
+            characters = sum(len(m.content) for m in request.messages)
+        else:
+            characters = len(request.prompt or "")
+        if characters > self._max_prompt_chars:
+            raise PromptTooLong(characters, self._max_prompt_chars, self.n_ctx, self._max_prompt_chars // self.n_ctx)
+
+    async def generate_many(self, request: GenerationRequest, n: int,
+                            admission: Admission | None = None) -> list[LlamaGeneration]:
+        """`n` answers to one prompt: the first evaluates it, the others start from a copy of its KV cache."""
+        if admission is None:
+            admission = self.admit(request, n)
+        try:
+            tokens, boundaries, max_tokens = await asyncio.to_thread(self._prepare, request)
+            return self._queue(request, n, tokens, boundaries, max_tokens, admission)
+        finally:
+            admission.release()  # no-op once queued
+
+    def _queue(self, request: GenerationRequest, n: int, tokens: list[int], boundaries: tuple[int, ...],
+               max_tokens: int, admission: Admission) -> list[LlamaGeneration]:
+        if self._closed or self._supervisor is None:
+            raise EngineNotReady("the service is shutting down")
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
         base = params.seed if params.seed is not None else random.getrandbits(32)
         loop = asyncio.get_running_loop()
@@ -343,8 +383,8 @@ class LlamaEngine:
                       "queue_deadline": None if self.queue_timeout is None else now + self.queue_timeout}
             requests.append(_Request(next(self._ids), job, fields, loop))
         with self._lock:
-            if self._waiting + n > max(self.max_queued, n):
-                raise EngineOverloaded(self._waiting, self.retry_after())
+            admission.detach()  # its places become these queued requests
+            self._admitted -= admission.n
             if not self._requests:
                 self._drain.busy(now)
             for each in requests:

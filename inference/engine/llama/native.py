@@ -104,3 +104,19 @@ def crash() -> None:
     import ctypes
 
     ctypes.string_at(0)
+
+
+def longest_piece(model: Any) -> int:
+    """The most bytes any one token of `model`'s vocabulary stands for (special tokens' text included): a prompt of
+    B bytes is at least B / longest_piece tokens, which bounds what may be worth tokenizing at all."""
+    import ctypes
+
+    import llama_cpp
+
+    size = 256
+    buffer = ctypes.create_string_buffer(size)
+    longest = 1
+    for token in range(model.n_vocab()):
+        n = llama_cpp.llama_token_to_piece(model.vocab, token, buffer, size, 0, True)
+        longest = max(longest, abs(n))  # negative: the piece needs -n bytes (longer than the buffer)
+    return longest
