@@ -1,7 +1,7 @@
-"""Request bodies of the OpenAI-compatible API (/v1), following the OpenAI API reference.
-
-Fields it acts on are type-checked here. OpenAI fields it does not implement are refused by name in the handlers
-(endpoints/openai_api.py); metadata fields and other servers' extensions are accepted: clients send them routinely.
+"""Request bodies of the OpenAI-compatible API (/v1), following the OpenAI API reference, and what becomes of each
+of their fields (FIELDS): used here, forwarded to an upstream, or refused by name. Nothing is silently ignored:
+a field this server does not know is refused with the embedded engine and forwarded as it came to an upstream,
+which knows its own extensions.
 """
 
 from __future__ import annotations
@@ -26,9 +26,29 @@ class ChatCompletionMessage:
     content: str | list[ContentPart] | None = field(
         default=None, metadata=spec(description="Text, or a list of text parts (joined).")
     )
-    name: str | None = None
-    tool_calls: Any = field(default=None, metadata=spec(description="An assistant turn's tool calls (history)."))
+    name: str | None = field(default=None, metadata=spec(
+        max_length=256, description="The participant's name (embedded engine: written before the content)."))
+    tool_calls: list[dict[str, Any]] | None = field(default=None, metadata=spec(
+        description="An assistant turn's tool calls (history)."))
     tool_call_id: str | None = None
+    refusal: str | None = field(default=None, metadata=spec(
+        description="An assistant turn's refusal (history): its text when it has no content."))
+    # Fields of OpenAI's (or other servers') messages that the embedded engine cannot honour: only the values that
+    # ask for nothing (FIELDS["message"]; through an upstream the last three go as they came).
+    audio: Any = field(default=None, metadata=spec(description="Only null: text only."))
+    function_call: Any = field(default=None, metadata=spec(description="Only null: use tool_calls."))
+    annotations: Any = field(default=None, metadata=spec(description="Embedded engine: null or empty."))
+    reasoning_content: str | None = field(default=None, metadata=spec(
+        description="Embedded engine: null or empty (the model does not reason)."))
+    reasoning: str | None = field(default=None, metadata=spec(description="As reasoning_content."))
+
+    json_schema_extra: ClassVar[dict[str, Any]] = {"properties": {
+        "audio": {"nullable": True, "enum": [None]},
+        "function_call": {"nullable": True, "enum": [None]},
+        "annotations": {"nullable": True, "type": "array", "maxItems": 0},
+        "reasoning_content": {"maxLength": 0},
+        "reasoning": {"maxLength": 0},
+    }}
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,17 @@ SAMPLING_SCHEMA: dict[str, Any] = {"properties": {
 }}
 
 
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["type", "function"], "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "A JSON Schema for the arguments (README: structured "
+                                                            "output; a keyword the grammar cannot enforce is a 400)."},
+            "strict": {"type": "boolean", "nullable": True}}}}}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingFields:
     """The sampling fields both endpoints share."""
@@ -87,7 +118,8 @@ class SamplingFields:
         description="An object of token id (as a string) -> bias from -100 to 100 added to that token's logit."))
     repetition_penalty: float | None = field(default=None, metadata=spec(
         gt=0, le=10, description="Extension (llama.cpp, vLLM): divide repeated tokens' logits by it (default 1)."))
-    user: str | None = None
+    user: str | None = field(default=None, metadata=spec(
+        description="The end user's id: in the request log and on the server span."))
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -102,11 +134,34 @@ class SamplingFields:
 @dataclass(frozen=True, kw_only=True)
 class ChatCompletionRequest(SamplingFields):
     # top_logprobs only with logprobs: true (the handler answers 400 otherwise).
-    json_schema_extra: ClassVar[dict[str, Any]] = {**SAMPLING_SCHEMA, "anyOf": [
-        {"not": {"required": ["top_logprobs"]}},
-        {"properties": {"top_logprobs": {"enum": [None]}}},
-        {"required": ["logprobs"], "properties": {"logprobs": {"enum": [True]}}},
-    ]}
+    json_schema_extra: ClassVar[dict[str, Any]] = {
+        "properties": {**SAMPLING_SCHEMA["properties"],
+                       "tools": {"items": TOOL_SCHEMA},
+                       "functions": {"nullable": True, "enum": [None]},
+                       "function_call": {"nullable": True, "type": "string", "enum": ["none", None]},
+                       "audio": {"nullable": True, "enum": [None]},
+                       "modalities": {"nullable": True, "type": "array", "items": {"type": "string",
+                                                                                     "enum": ["text"]},
+                                      "minItems": 1, "maxItems": 1},
+                       "prediction": {"nullable": True, "enum": [None]},
+                       "web_search_options": {"nullable": True, "enum": [None]},
+                       "tool_choice": {"nullable": True, "oneOf": [
+                           {"type": "string", "enum": ["none", "auto", "required"]},
+                           {"type": "object", "required": ["type", "function"], "properties": {
+                               "type": {"type": "string", "enum": ["function"]},
+                               "function": {"type": "object", "required": ["name"],
+                                            "properties": {"name": {"type": "string"}}}}}]}},
+        "allOf": [
+            {"anyOf": [  # top_logprobs only with logprobs: true
+                {"not": {"required": ["top_logprobs"]}},
+                {"properties": {"top_logprobs": {"enum": [None]}}},
+                {"required": ["logprobs"], "properties": {"logprobs": {"enum": [True]}}}]},
+            {"anyOf": [  # tools need a tool_choice that the embedded engine serves (README: tool calls)
+                {"not": {"required": ["tools"]}},
+                {"properties": {"tools": {"maxItems": 0}}},
+                {"properties": {"tools": {"enum": [None]}}},
+                {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["auto", None]}}}}]},
+        ]}
     # The most messages is checked by the handler, not stated as maxItems: that many never fit a context anyway, and
     # a schema bound would make the fuzzer send exactly that many, a request no model could take.
     messages: list[ChatCompletionMessage] = field(metadata=spec(
@@ -116,6 +171,31 @@ class ChatCompletionRequest(SamplingFields):
         description="Return each generated token's log probability (choices[].logprobs.content)."))
     top_logprobs: int | None = field(default=None, metadata=spec(
         ge=0, le=20, description="With logprobs: also the most likely tokens at each position, this many."))
+    tools: list[Any] | None = field(default=None, metadata=spec(description="Function tools (README: tool calls)."))
+    tool_choice: Any = field(default=None, metadata=spec(
+        description='"none", "required", or {"type": "function", "function": {"name": ...}}.'))
+    parallel_tool_calls: bool | None = field(default=None, metadata=spec(
+        description="Whether an answer may call several functions (the embedded engine makes one call)."))
+    safety_identifier: str | None = field(default=None, metadata=spec(
+        max_length=256, description="The end user's id (OpenAI's successor to `user`): as `user`."))
+    prompt_cache_key: str | None = field(default=None, metadata=spec(
+        max_length=256, description="A caching hint: on the server span; prefix reuse here is automatic."))
+    metadata: dict[str, str] | None = field(default=None, metadata=spec(
+        max_items=16, max_length=512, description="Up to 16 string pairs: on the server span as inference.metadata.<key>."))
+    store: bool | None = field(default=None, metadata=spec(description="Only false: completions are not stored."))
+    service_tier: str | None = field(default=None, metadata=spec(
+        description='"auto" or "default": there is one tier (others are refused).'))
+    reasoning_effort: str | None = field(default=None, metadata=spec(
+        description='Embedded engine: only "none" (the model does not reason); an upstream gets it as sent.'))
+    verbosity: str | None = field(default=None, metadata=spec(
+        description="Refused by the embedded engine (use max_tokens); an upstream gets it as sent."))
+    # OpenAI's fields this service cannot honour at all: only the values that ask for nothing (FIELDS["chat"]).
+    functions: Any = field(default=None, metadata=spec(description="Only null: use tools."))
+    function_call: Any = field(default=None, metadata=spec(description='Only null or "none": use tool_choice.'))
+    audio: Any = field(default=None, metadata=spec(description="Only null: text only."))
+    modalities: Any = field(default=None, metadata=spec(description='Only null or ["text"].'))
+    prediction: Any = field(default=None, metadata=spec(description="Only null."))
+    web_search_options: Any = field(default=None, metadata=spec(description="Only null."))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +205,95 @@ class CompletionRequest(SamplingFields):
         ge=0, le=5, description="Return each generated token's log probability and this many most likely tokens."))
     echo: Literal[False] | None = field(default=False, metadata=spec(description="Only false is supported."))
     suffix: str | None = field(default=None, metadata=spec(max_length=0, description="Not supported: null or empty."))
+    best_of: int | None = field(default=None, metadata=spec(ge=1, le=1, description="Only 1."))
+
+
+NOTHING_ASKED = (None, False, 0, "", (), [], {})
+
+
+@dataclass(frozen=True)
+class Fate:
+    """What becomes of a request field: with the embedded engine ("used" or "refused") and through an upstream
+    ("used": translated by this service; "forwarded": sent as it came; "refused"). A refused field is a 400
+    naming it unless its value is one of `allowed`, which ask for nothing (`store: false`, `audio: null`)."""
+
+    embedded: Literal["used", "refused"]
+    gateway: Literal["used", "forwarded", "refused"]
+    why: str = ""  # what it does, or why it is refused
+    allowed: tuple[Any, ...] = NOTHING_ASKED
+
+    def asks(self, value: Any) -> bool:
+        return value not in self.allowed
+
+
+def _fates(used: str, **special: Fate) -> dict[str, Fate]:
+    return {**{name: Fate("used", "used") for name in used.split()}, **special}
+
+
+_RECORDED = "recorded: the request log's `user` and the server span's `user.id`"
+SAMPLING_FATES = _fates(
+    "model max_tokens temperature top_p stop seed stream stream_options n frequency_penalty presence_penalty "
+    "response_format logit_bias repetition_penalty",
+    user=Fate("used", "forwarded", _RECORDED),
+)
+FIELDS: dict[str, dict[str, Fate]] = {
+    "chat": {
+        **SAMPLING_FATES,
+        **_fates("messages max_completion_tokens logprobs top_logprobs tools tool_choice"),
+        "parallel_tool_calls": Fate("used", "forwarded", "honoured: the embedded engine makes one call per answer"),
+        "safety_identifier": Fate("used", "forwarded", _RECORDED + " (`user` wins when both are sent)"),
+        "prompt_cache_key": Fate("used", "forwarded", "on the server span (`inference.prompt_cache_key`); the "
+                                 "embedded engine reuses cached prompt prefixes by their tokens, with or without it"),
+        "metadata": Fate("used", "forwarded", "each pair on the server span as `inference.metadata.<key>`"),
+        "store": Fate("refused", "forwarded", "completions are not stored here", allowed=(None, False)),
+        "service_tier": Fate("refused", "forwarded", "there is one service tier here",
+                             allowed=(None, "auto", "default")),
+        "reasoning_effort": Fate("refused", "forwarded", "this model does not reason",
+                                 allowed=(None, "none")),
+        "verbosity": Fate("refused", "forwarded", "this model cannot be told how long to answer; use max_tokens",
+                          allowed=(None,)),
+        "functions": Fate("refused", "refused", "function calling (deprecated by OpenAI) is not supported; use tools",
+                          allowed=(None,)),
+        "function_call": Fate("refused", "refused", "function calling (deprecated by OpenAI) is not supported; use "
+                              "tool_choice", allowed=(None, "none")),
+        "audio": Fate("refused", "refused", "this service reads and writes text only", allowed=(None,)),
+        "modalities": Fate("refused", "refused", "this service writes text only",
+                           allowed=(None, ["text"])),
+        "prediction": Fate("refused", "refused", "predicted outputs are not supported",
+                           allowed=(None,)),
+        "web_search_options": Fate("refused", "refused", "web search is not supported", allowed=(None,)),
+    },
+    "completion": {
+        **SAMPLING_FATES,
+        **_fates("prompt logprobs"),
+        "echo": Fate("refused", "refused", "only false is supported", allowed=(None, False)),
+        "suffix": Fate("refused", "refused", "insertion is not supported", allowed=(None, "")),
+        "best_of": Fate("refused", "refused", "only best_of 1 is supported", allowed=(None, 1)),
+    },
+    "message": {
+        **_fates("role content tool_calls tool_call_id"),
+        "name": Fate("used", "forwarded", "written before the content as `name: ` (chat templates have no place "
+                                          "for it)"),
+        "refusal": Fate("used", "forwarded", "an assistant turn's refusal is its text when it has no content"),
+        "annotations": Fate("refused", "forwarded", "citations come from web search, which is not supported",
+                            allowed=(None, [])),
+        "audio": Fate("refused", "refused", "this service reads and writes text only", allowed=(None,)),
+        "function_call": Fate("refused", "refused", "function calling (deprecated by OpenAI) is not supported; use "
+                              "tool_calls", allowed=(None,)),
+        "reasoning_content": Fate("refused", "forwarded", "this model does not reason", allowed=(None, "")),
+        "reasoning": Fate("refused", "forwarded", "this model does not reason", allowed=(None, "")),
+    },
+}
+UNKNOWN = Fate("refused", "forwarded", "not a field this server knows (README: OpenAI fields)", allowed=())
+
+
+def refused_values(kind: str, schema: type) -> dict[str, dict[str, Any]]:
+    """Validation overrides for the embedded engine: each field of `schema` it refuses (and only it: through an
+    upstream it is forwarded) may only take the values that ask for nothing, so the OpenAPI document says so too.
+    Fields refused by every backend say so in the schema's own json_schema_extra."""
+    names = {f for f in getattr(schema, "__dataclass_fields__", {})}
+    return {name: {"enum": fate.allowed} for name, fate in FIELDS[kind].items()
+            if fate.embedded == "refused" and fate.gateway != "refused" and name in names}
 
 
 # Response shapes, for the OpenAPI document (handlers build the dicts directly: this is the hot path).

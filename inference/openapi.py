@@ -38,6 +38,7 @@ def openapi_document(
     native_error = json_schema(ErrorResponse, components)
     openai_error = json_schema(OpenAIError, components)
     paths: dict[str, Any] = {}
+    operations = {f"{r.method} {r.template}": _operation_id(r) for r in routes if r.include_in_schema}
     for route in routes:
         if not route.include_in_schema:
             continue
@@ -70,6 +71,9 @@ def openapi_document(
                     "required": ["data"],
                 }
             }
+        if route.links:  # what a stateful client (schemathesis's stateful phase) may call next with this answer
+            ok["links"] = {name: {"operationId": operations[target], **how}
+                           for name, (target, how) in route.links.items() if target in operations}
         responses: dict[str, Any] = {"200": ok}
         error_ref = openai_error if route.template.startswith("/v1/") else native_error
         for status in route.errors:

@@ -30,6 +30,9 @@ class Route:
     streams: bool = False  # answers text/event-stream when the request asks for "stream": true
     media_type: str = "application/json"
     include_in_schema: bool = True
+    # OpenAPI links from this route's 200 answer: name -> ("METHOD /template" of the next call, the link's
+    # `parameters` or `requestBody` with runtime expressions such as "$response.body#/data/0/id").
+    links: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
 
 
 def compile_template(template: str) -> re.Pattern[str]:

@@ -50,6 +50,8 @@ class InferResponse:
     )
     model_name: str
     model_version: str
+    reasoning: str | None = field(default=None, metadata=spec(
+        description="An upstream reasoning model's reasoning (its reasoning_content); null otherwise."))
 
 
 @dataclass(frozen=True)

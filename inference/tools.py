@@ -51,9 +51,12 @@ def new_call_id() -> str:
 
 def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool) -> ToolPlan | None:
     """None when no tool is to be called; otherwise the plan; a 400 naming the field for what cannot be done."""
+    named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(
+        (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None, str)
+    if tool_choice not in (None, "none", "auto", "required") and not named:
+        raise _refuse("tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": '
+                                     '{"name": ...}}')
     if not tools or tool_choice in (None, "none"):
-        if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice, dict):
-            raise _refuse("tool_choice", 'must be "none", "auto", "required" or {"type": "function", ...}')
         if tools and tool_choice is None:
             raise _refuse("tool_choice", 'with tools, say "required" or name a function: this model cannot '
                                          'choose between answering and calling ("auto")')

@@ -31,6 +31,7 @@ class Spec:
     max_length: int | None = None
     min_items: int | None = None
     max_items: int | None = None
+    enum: tuple[Any, ...] | None = None  # the only values allowed (null among them if listed)
     example: Any = None
 
 
@@ -230,6 +231,9 @@ def _describe(hint: Any) -> str:
 
 
 def _check(value: Any, rule: Spec, path: str, errors: _Errors) -> None:
+    if rule.enum is not None and value not in rule.enum:
+        errors.add(path, "must be " + " or ".join(json.dumps(a) for a in rule.enum))
+        return
     if value is None:
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -245,6 +249,12 @@ def _check(value: Any, rule: Spec, path: str, errors: _Errors) -> None:
         if rule.max_length is not None and len(value) > rule.max_length:
             errors.add(path, "must be empty (not supported)" if rule.max_length == 0
                        else f"must be at most {rule.max_length} characters")
+    if isinstance(value, dict):  # an object of strings: max_items bounds its pairs, max_length its values
+        if rule.max_items is not None and len(value) > rule.max_items:
+            errors.add(path, f"must have at most {rule.max_items} properties")
+        for key, item in value.items():
+            if isinstance(item, str) and rule.max_length is not None and len(item) > rule.max_length:
+                errors.add(f"{path}.{key}", f"must be at most {rule.max_length} characters")
     if isinstance(value, list):
         if rule.min_items is not None and len(value) < rule.min_items:
             errors.add(path, f"needs at least {rule.min_items} item(s)")
@@ -276,7 +286,7 @@ def json_schema(
         required: list[str] = []
         for f, hint, base in _fields(cls):
             rule = _spec_for(f.name, base, overrides)
-            schema = _type_schema(hint, components)
+            schema = _type_schema(hint, components, closed)
             schema.update(_rule_schema(rule, schema))
             if f.default is not dataclasses.MISSING and f.default is not None:
                 schema["default"] = f.default
@@ -302,13 +312,14 @@ def json_schema(
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _type_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
+def _type_schema(hint: Any, components: dict[str, Any], closed: bool = False) -> dict[str, Any]:
+    """`closed`: nested objects reject unknown fields too (from_json's allow_unknown applies at every depth)."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [o for o in typing.get_args(hint) if o is not type(None)]
         nullable = len(options) < len(typing.get_args(hint))
-        schema = _type_schema(options[0], components) if len(options) == 1 else {
-            "oneOf": [_type_schema(o, components) for o in options]
+        schema = _type_schema(options[0], components, closed) if len(options) == 1 else {
+            "oneOf": [_type_schema(o, components, closed) for o in options]
         }
         if "$ref" in schema and nullable:
             schema = {"allOf": [schema]}
@@ -322,11 +333,11 @@ def _type_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
         kind = "boolean" if isinstance(values[0], bool) else "string" if isinstance(values[0], str) else "integer"
         return {"type": kind, "enum": values}
     if origin is list:
-        return {"type": "array", "items": _type_schema(typing.get_args(hint)[0], components)}
+        return {"type": "array", "items": _type_schema(typing.get_args(hint)[0], components, closed)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(typing.get_args(hint)[1], components)}
+        return {"type": "object", "additionalProperties": _type_schema(typing.get_args(hint)[1], components, closed)}
     if dataclasses.is_dataclass(hint):
-        return json_schema(hint, components)
+        return json_schema(hint, components, closed=closed)
     if hint is Any:
         return {}
     return {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"}, bool: {"type": "boolean"}}[hint]
@@ -344,6 +355,10 @@ def _rule_schema(rule: Spec, schema: dict[str, Any]) -> dict[str, Any]:
         out["minimum"], out["exclusiveMinimum"] = rule.gt, True
     if rule.le is not None:
         out["maximum"] = rule.le
+    if rule.enum is not None:
+        out["enum"] = list(rule.enum)
+        if None in rule.enum:
+            out["nullable"] = True
     for member in [schema, *schema.get("oneOf", ())]:
         target = out if member is schema else member
         if member.get("type") == "array":
@@ -355,6 +370,11 @@ def _rule_schema(rule: Spec, schema: dict[str, Any]) -> dict[str, Any]:
                 member["items"]["minLength"] = rule.min_length
             if rule.max_length is not None and member["items"].get("type") == "string":
                 member["items"]["maxLength"] = rule.max_length
+        elif member.get("type") == "object" and isinstance(member.get("additionalProperties"), dict):
+            if rule.max_items is not None:
+                target["maxProperties"] = rule.max_items
+            if rule.max_length is not None and member["additionalProperties"].get("type") == "string":
+                member["additionalProperties"]["maxLength"] = rule.max_length
         elif member is not schema and member.get("type") == "string":
             if rule.min_length is not None:
                 member["minLength"] = rule.min_length

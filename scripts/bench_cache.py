@@ -11,14 +11,18 @@ rate-limit decision (one Lua script call) and its cache lookup (one GET): two Re
 With --tracing every request is also traced (server, rate_limit and cache lookup spans), exported in batches.
 
 --matrix measures what tracing costs: off, on with no request sampled, 10% sampled and every request, each with
-the in-memory store and with Redis (eight servers), in interleaved rounds; it prints median requests/s, the ratio
-to tracing off with the same store, and the spans each server dropped (export queue full).
+the in-memory store and with Redis (eight servers), in interleaved rounds. Every process of each server (the HTTP
+process, the engine process, the span export process) is pinned to CPU 0 and wrk to CPU 1, and what counts is
+requests per CPU-second of the server's processes together, read from /proc before and after each run: a pod's
+CPU limit covers the export process too. It prints the median requests/s, requests per CPU-second, its ratio to
+tracing off with the same store, and the spans each server dropped (export queue full).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -29,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import free_port, serve, wait_ready, wrk  # noqa: E402
+from bench_gateway import ROOT, free_port, serve, wait_ready, wrk  # noqa: E402
 
 BODY = {"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 24}
 
@@ -56,7 +60,7 @@ class Server:
     """`python -m inference` on a free port, cache hits primed, the limiter on; `ratio` None: tracing off, else the
     share of traces kept, exported over OTLP/HTTP to a sink of its own in this process."""
 
-    def __init__(self, *, redis_url: str | None, ratio: float | None) -> None:
+    def __init__(self, *, redis_url: str | None, ratio: float | None, cpu: int | None = None) -> None:
         self.port = port = free_port()
         env = {"RATE_LIMIT_PER_MINUTE": "1000000000", "CACHE_MODE": "all"}
         if redis_url:  # a cache of its own: the first request is a miss
@@ -66,8 +70,29 @@ class Server:
             self.sink = trace_sink()
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink.server_address[1]}"
             env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(ratio))
-        self.process = serve(port, **env)
+        if cpu is None:
+            self.process = serve(port, **env)
+        else:  # every process it starts inherits the affinity
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "inference", "--env-file", "/nonexistent"], cwd=ROOT,
+                env={**os.environ, "PORT": str(port), "LOG_LEVEL": "WARNING", **env},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         self.url = f"http://127.0.0.1:{port}/api/v1/infer"
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's processes have used: the HTTP process and its children."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total, pending = 0.0, [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return total
 
     def prime(self) -> None:
         wait_ready(f"http://127.0.0.1:{self.port}/ready")
@@ -95,32 +120,38 @@ class Server:
 TRACING = (("off", None), ("on, none sampled", 0.0), ("on, 10% sampled", 0.1), ("on, every request", 1.0))
 
 
-def matrix(redis_url: str, rounds: int, seconds: int, connections: int) -> None:
-    """Every tracing setting with the in-memory store and with Redis, each on a server of its own, all started
-    first and then measured in turns: `rounds` rounds, each server once a round, the starting one rotating. On a
-    shared 2-core machine one run of a server varies by 10-20% (wrk shares the cores); the median of rounds
-    interleaved in time does not drift with whatever else the machine does."""
-    configs = [(store, label, ratio) for store in ("memory", "redis") for label, ratio in TRACING]
-    servers = [Server(redis_url=redis_url if store == "redis" else None, ratio=ratio) for store, _, ratio in configs]
+def matrix(redis_url: str, rounds: int, seconds: int, connections: int, stores: tuple[str, ...]) -> None:
+    """Every tracing setting with each store, each on a server of its own, all started first and then measured in
+    turns: `rounds` rounds, each server once a round, the starting one rotating. Servers on CPU 0, wrk on CPU 1;
+    the figure is requests per CPU-second of the server's processes (HTTP, engine, span export), so what the export
+    process spends counts, and wrk's share of the machine does not."""
+    configs = [(store, label, ratio) for store in stores for label, ratio in TRACING]
+    servers = [Server(redis_url=redis_url if store == "redis" else None, ratio=ratio, cpu=0)
+               for store, _, ratio in configs]
     try:
         for server in servers:
             server.prime()
-        results: list[list[float]] = [[] for _ in configs]
+        rates: list[list[float]] = [[] for _ in configs]
+        per_cpu: list[list[float]] = [[] for _ in configs]
         for round_ in range(rounds):
             order = list(range(len(configs)))
             order = order[round_ % len(order):] + order[:round_ % len(order)]
             for i in order:
-                results[i].append(wrk(servers[i].url, connections, seconds, BODY)[0])
+                before = servers[i].cpu_seconds()
+                rps, _ = wrk(servers[i].url, connections, seconds, BODY, cpu=1)
+                used = servers[i].cpu_seconds() - before
+                rates[i].append(rps)
+                per_cpu[i].append(rps * seconds / used if used > 0 else float("nan"))
             print(f"  round {round_ + 1} of {rounds} done", file=sys.stderr, flush=True)
-        print(f"cache hits, rate limiter on, one worker, wrk with {connections} connections: median of {rounds} "
-              f"rounds of {seconds} s")
-        print("  store   tracing               req/s (min-max)          vs off   spans dropped")
+        print(f"cache hits, rate limiter on, one worker (every process on CPU 0), wrk on CPU 1 with {connections} "
+              f"connections: median of {rounds} rounds of {seconds} s")
+        print("  store   tracing               req/s    req per CPU-s (min-max)   vs off   spans dropped")
         off = {}
-        for (store, label, ratio), server, rates in zip(configs, servers, results):
-            median = statistics.median(rates)
+        for (store, label, _), server, rps, efficiency in zip(configs, servers, rates, per_cpu):
+            median = statistics.median(efficiency)
             off.setdefault(store, median)
-            print(f"  {store:<7} {label:<20} {median:>7.0f} ({min(rates):.0f}-{max(rates):.0f})"
-                  f"{median / off[store]:>12.2f}x   {server.spans_dropped()}", flush=True)
+            print(f"  {store:<7} {label:<20} {statistics.median(rps):>6.0f}   {median:>7.0f} ({min(efficiency):.0f}-"
+                  f"{max(efficiency):.0f}){median / off[store]:>10.2f}x   {server.spans_dropped()}", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -146,7 +177,8 @@ def main() -> None:
     parser.add_argument("--tracing", action="store_true",
                         help="trace requests, exported over OTLP/HTTP to a sink in this script")
     parser.add_argument("--sample-ratio", type=float, default=1.0, help="with --tracing: the share of traces kept")
-    parser.add_argument("--rounds", type=int, default=5, help="with --matrix: rounds, each server once a round")
+    parser.add_argument("--rounds", type=int, default=7, help="with --matrix: rounds, each server once a round")
+    parser.add_argument("--stores", default="memory,redis", help="with --matrix: memory, redis or both")
     parser.add_argument("--matrix", action="store_true",
                         help="tracing off / none sampled / 10%% / every request, with the in-memory store and with "
                              "Redis, in interleaved rounds: median requests/s and the ratios to tracing off")
@@ -158,7 +190,7 @@ def main() -> None:
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     try:
         if args.matrix:
-            matrix(redis_url, args.rounds, args.seconds, args.connections)
+            matrix(redis_url, args.rounds, args.seconds, args.connections, tuple(args.stores.split(",")))
             return
         rps1, p50, rps = measure(redis_url=redis_url, ratio=args.sample_ratio if args.tracing else None,
                                  seconds=args.seconds, connections=args.connections)

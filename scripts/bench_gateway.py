@@ -61,13 +61,14 @@ def serve(port: int, **env: str) -> subprocess.Popen:
                  {"PORT": str(port), "LOG_LEVEL": "WARNING", **env})
 
 
-def wrk(url: str, connections: int, seconds: int, body: dict) -> tuple[float, float]:
-    """(requests/s, p50 ms) for POSTing `body` to `url`."""
+def wrk(url: str, connections: int, seconds: int, body: dict, cpu: int | None = None) -> tuple[float, float]:
+    """(requests/s, p50 ms) for POSTing `body` to `url`; `cpu`: wrk runs pinned to that CPU."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
                      'wrk.headers["Content-Type"] = "application/json"\n')
     threads = min(2, connections)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    out = subprocess.run([*pin, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
                           url], capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
     if "Non-2xx" in out:

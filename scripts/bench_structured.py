@@ -2,9 +2,10 @@
 """The OpenAI fields that cost something on the embedded engine: structured output, logprobs and n.
 
   1. speed: the same chat prompt at temperature 0.8 with the same seeds, free, under a json_schema grammar, and
-     free with logprobs (top 5), alternating, --runs each; decode steps per second from the first token to the end
-     of the answer (prompt time apart; an answer that stopped counts the step that sampled its end), and the
-     ratios to free (the grammar is checked on the sampled token only, and applied to
+     free with logprobs (top 5), alternating, --runs each; completion tokens per second from the first token to
+     the end of the answer (the tokens after the first over that time: prompt time apart), and the ratios to free;
+     decode steps per second as a second column (an answer that stopped also counts the step that sampled its
+     end, which a short answer would otherwise hide) (the grammar is checked on the sampled token only, and applied to
      the whole vocabulary only when it rejects it; logprobs are a log-softmax over the vocabulary per token);
   2. validity: 20 prompts under a json_schema, temperature 0: how many answers finish with "stop" and how many
      of those validate against the schema (must be all of them), and how many were cut by max_tokens;
@@ -67,15 +68,18 @@ async def run(args: argparse.Namespace) -> dict:
 
     try:
         speeds: dict[str, list[float]] = {"free": [], "json_schema": [], "logprobs": []}
+        steps_per_second: dict[str, list[float]] = {"free": [], "json_schema": [], "logprobs": []}
         for seed in range(args.runs):
             for label, grammar, logprobs in (("free", None, None), ("json_schema", listing.grammar, None),
                                              ("logprobs", None, 5)):
                 _, generation, seconds = await generate("List many fruits as JSON.", grammar, seed, 0.8, logprobs)
-                # Decode steps after the first token: one per further token, plus the one that sampled the end of
-                # the answer when it stopped (short answers would otherwise look slow).
-                steps = generation.completion_tokens - 1 + (generation.finish_reason == "stop")
-                if seconds > 0 and steps > 0:
-                    speeds[label].append(steps / seconds)
+                # Tokens after the first, over the time from the first to the end; decode steps also count the
+                # one that sampled the end of the answer when it stopped.
+                tokens = generation.completion_tokens - 1
+                steps = tokens + (generation.finish_reason == "stop")
+                if seconds > 0 and tokens > 0:
+                    speeds[label].append(tokens / seconds)
+                    steps_per_second[label].append(steps / seconds)
             print(f"  run {seed + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()) + " tok/s",
                   file=sys.stderr, flush=True)
         stops = valid = cut = 0
@@ -95,8 +99,10 @@ async def run(args: argparse.Namespace) -> dict:
         wide.shutdown()
     free, constrained = statistics.median(speeds["free"]), statistics.median(speeds["json_schema"])
     with_logprobs = statistics.median(speeds["logprobs"])
+    steps = {f"{label}_steps_per_s": statistics.median(values) for label, values in steps_per_second.items()}
     return {"model": str(model), "runs": args.runs, "free_tps": free, "json_schema_tps": constrained,
             "ratio": constrained / free, "logprobs_tps": with_logprobs, "logprobs_ratio": with_logprobs / free,
+            **steps, "steps_ratio": steps["json_schema_steps_per_s"] / steps["free_steps_per_s"],
             "prompts": len(PLACES), "finished": stops, "valid": valid, "cut": cut, **choices}
 
 
@@ -142,6 +148,8 @@ def main() -> int:
     print(f"completion tokens/s, medians of {result['runs']} runs: free {result['free_tps']:.1f}, "
           f"json_schema {result['json_schema_tps']:.1f} ({result['ratio']:.2f}x), "
           f"logprobs top 5 {result['logprobs_tps']:.1f} ({result['logprobs_ratio']:.2f}x)")
+    print(f"decode steps/s: free {result['free_steps_per_s']:.1f}, json_schema {result['json_schema_steps_per_s']:.1f} "
+          f"({result['steps_ratio']:.2f}x), logprobs top 5 {result['logprobs_steps_per_s']:.1f}")
     print(f"a ~700-token prompt, 4 answers of 16 tokens: n=4 every first token after "
           f"{1000 * result['n4_first_tokens_s']:.0f} ms, all done {1000 * result['n4_total_s']:.0f} ms; four requests "
           f"{1000 * result['separate_first_tokens_s']:.0f} ms / {1000 * result['separate_total_s']:.0f} ms")

@@ -195,8 +195,9 @@ class Client:
         return int((answer.get("usage") or {}).get("completion_tokens", 0))
 
     def read_stream(self, response: http.client.HTTPResponse, due: float) -> tuple[float | None, int, str | None]:
-        """Server-sent events: the first text is the time to first token; usage comes with the last event."""
-        ttft, tokens, event, error = None, 0, "message", None
+        """Server-sent events: the first text is the time to first token; usage comes with the last event. A stream
+        that ends without its end (`[DONE]`, or the native API's `done` event) was cut short: an error."""
+        ttft, tokens, event, error, ended = None, 0, "message", None, False
         for raw in response:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             if line.startswith("event:"):
@@ -208,6 +209,7 @@ class Client:
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                ended = True
                 break
             message = json.loads(data)
             if event == "error" or "error" in message:
@@ -217,12 +219,15 @@ class Client:
                     ttft = time.monotonic() - due
                 elif event == "done":
                     tokens = int(message.get("completion_tokens", 0))
+                    ended = True
             else:
                 choices = message.get("choices") or []
                 if ttft is None and any((c.get("delta") or {}).get("content") for c in choices):
                     ttft = time.monotonic() - due
                 if message.get("usage"):
                     tokens = int(message["usage"].get("completion_tokens", 0))
+        if not ended and error is None:
+            error = "the stream ended without " + ("its done event" if self.args.endpoint == "infer" else "[DONE]")
         return ttft, tokens, error
 
 
@@ -362,7 +367,7 @@ class LoadTest:
         errors: dict[str, int] = {}  # neither a success nor a 429/503 refusal, by status ("connection": none)
         for r in results:
             if r.status == 200 and r.error:
-                kind = "stream_error"
+                kind = "stream_cut" if r.error.startswith("the stream ended without") else "stream_error"
             elif r.status in (200, 429, 503):
                 continue
             else:

@@ -86,3 +86,40 @@ def test_bad_arguments_are_refused_with_a_reason(args, message):
     result = subprocess.run([sys.executable, str(SCRIPT), "--url", "http://127.0.0.1:9", *args],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("endpoint, events", [
+    ("chat", [b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}']),
+    ("infer", [b'event: token\ndata: {"text": "Hel"}']),
+])
+def test_a_stream_cut_short_is_an_error_not_a_success(endpoint, events):
+    """A peer that answers 200 and closes the connection before the stream's end (`[DONE]`, or the native API's
+    `done` event), as a proxy's idle timeout or a crash between events would: the load test must count it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class CutShort(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(event + b"\n\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        report = loadtest(f"http://127.0.0.1:{server.server_address[1]}", "--endpoint", endpoint, "--stream",
+                          "--model", "m", "--duration", "600", "--concurrency", "1", "--max-requests", "2")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["successes"] == 0 and report["other_errors"] == 2, report
+    assert report["errors_by_kind"] == {"stream_cut": 2}

@@ -93,14 +93,92 @@ def test_completions_plain_and_streamed(openai_client, model_id):
     assert "".join(c.choices[0].text for c in stream) == reply.choices[0].text
 
 
-def test_metadata_fields_and_unknown_extensions_are_accepted(openai_client, model_id):
+def test_fields_used_here_are_accepted_with_the_values_they_can_have(openai_client, model_id):
     reply = openai_client.chat.completions.create(
-        model=model_id, messages=ask("Hi"), max_tokens=2, presence_penalty=0.5, logit_bias={"1": 1},
+        model=model_id, max_tokens=2, presence_penalty=0.5, logit_bias={"1": 1},
+        messages=[{"role": "user", "content": "Hi", "name": "ann"},
+                  {"role": "assistant", "content": None, "refusal": "I cannot.", "annotations": [], "audio": None},
+                  {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "again"}]}],
         response_format={"type": "text"}, user="tester", metadata={"team": "a"}, store=False,
-        service_tier="auto", tool_choice="none", modalities=["text"],
-        extra_body={"some_future_field": {"x": 1}},
+        service_tier="auto", tool_choice="none", modalities=["text"], parallel_tool_calls=True,
+        safety_identifier="user-1", prompt_cache_key="conversation-7", reasoning_effort="none",
     )
     assert reply.choices[0].message.content
+
+
+def test_every_request_field_is_used_forwarded_or_refused():
+    """Walk the request schemas: every field they accept has a fate in FIELDS for both backends, and the README's
+    field table lists each with that fate."""
+    import dataclasses
+    import re
+
+    from conftest import ROOT
+
+    from inference.openai_schemas import (
+        FIELDS,
+        ChatCompletionMessage,
+        ChatCompletionRequest,
+        CompletionRequest,
+        Fate,
+    )
+
+    readme = (ROOT / "README.md").read_text()
+    table = {}
+    for line in readme.splitlines():
+        match = re.match(r"\| `([a-z_]+)` \| (chat|completion|message) \| ((?:used|refused)[^|]*) \| ([^|]+) \|", line)
+        if match:
+            table[(match[2], match[1])] = (match[3].strip(), match[4].strip())
+    for kind, schema in (("chat", ChatCompletionRequest), ("completion", CompletionRequest),
+                         ("message", ChatCompletionMessage)):
+        for f in dataclasses.fields(schema):
+            assert f.name in FIELDS[kind], f"{kind}.{f.name} has no fate (openai_schemas.FIELDS)"
+        for name, fate in FIELDS[kind].items():
+            assert isinstance(fate, Fate) and fate.embedded in ("used", "refused")
+            assert fate.gateway in ("used", "forwarded", "refused")
+            assert fate.embedded == "used" or fate.why, f"{kind}.{name}: a refusal must say why"
+            assert (kind, name) in table, f"README's OpenAI field table lacks {kind}.{name}"
+            embedded, gateway = table[(kind, name)]
+            assert embedded.startswith(fate.embedded) and gateway.startswith(fate.gateway), (kind, name)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("some_future_field", {"x": 1}), ("store", True), ("service_tier", "flex"), ("reasoning_effort", "high"),
+    ("verbosity", "low"),
+])
+def test_fields_the_embedded_engine_cannot_honour_are_refused_by_name(openai_client, model_id, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=ask("Hi"), max_tokens=2,
+                                              extra_body={field: value})
+    assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "user", "content": "Hi", "audio": {"id": "a"}}, "messages[0].audio"),
+    ({"role": "assistant", "content": "Hi", "reasoning_content": "hm"}, "messages[0].reasoning_content"),
+    ({"role": "user", "content": "Hi", "cache_control": {"type": "ephemeral"}}, "messages[0].cache_control"),
+])
+def test_message_fields_that_cannot_be_honoured_are_refused_by_name(openai_client, model_id, message, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=model_id, messages=[message], max_tokens=2)
+    assert err.value.body["param"] == param and err.value.body["code"] == "unsupported_parameter"
+
+
+def test_a_participant_name_and_a_tool_result_in_parts_reach_the_prompt(live, model_id):
+    from inference.endpoints.openai_api import chat_messages
+    from inference.openai_schemas import ChatCompletionRequest
+    from inference.validation import from_json
+
+    raw = {"model": model_id, "messages": [
+        {"role": "user", "content": "What is the weather?", "name": "ann"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "Sunny, "},
+                                                           {"type": "text", "text": "21 C"}]}]}
+    body = from_json(ChatCompletionRequest, raw, allow_unknown=True)
+    messages, _ = chat_messages(body.messages, raw["messages"], live.app.service.settings)
+    contents = [m.content for m in messages if m.role != "system"]
+    assert contents[0] == "ann: What is the weather?"
+    assert contents[2].endswith("Sunny, 21 C")
 
 
 @pytest.mark.parametrize("field, value", [
@@ -115,7 +193,7 @@ def test_fields_this_service_does_not_implement_are_refused_by_name(openai_clien
     assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 3)])
+@pytest.mark.parametrize("field, value", [("best_of", 3), ("some_future_field", 1)])
 def test_completion_fields_not_implemented_are_refused(openai_client, model_id, field, value):
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.completions.create(model=model_id, prompt="x", max_tokens=2, extra_body={field: value})

@@ -1,5 +1,6 @@
 """schemathesis fuzzes every operation of /openapi.json against a real server: no 5xx, answers as documented."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,22 @@ def test_no_request_of_any_shape_breaks_the_api(engine, tmp_path):
         tail = result.stdout[-4000:]
         assert result.returncode == 0, tail
         assert "No issues found" in tail, tail
+        # The stateful phase chains calls through the document's links (GET /v1/models -> GET /v1/models/{model},
+        # POST /tokenize -> POST /detokenize): every one of them was followed.
+        links = re.search(r"API Links: +(\d+) covered / (\d+) selected / (\d+) total", result.stdout)
+        assert links, result.stdout[-4000:]
+        covered, selected, total = map(int, links.groups())
+        assert covered == selected == total >= 2, links[0]
+
+
+def test_the_document_links_calls_a_client_can_chain(engine):
+    import asyncio
+
+    from conftest import call_asgi
+
+    app = build_app(base_settings(), engine=engine)
+    document = asyncio.run(call_asgi(app, "GET", "/openapi.json")).json()
+    models = document["paths"]["/v1/models"]["get"]["responses"]["200"]["links"]["RetrieveModel"]
+    assert models == {"operationId": "retrieve_model", "parameters": {"model": "$response.body#/data/0/id"}}
+    tokens = document["paths"]["/tokenize"]["post"]["responses"]["200"]["links"]["Detokenize"]
+    assert tokens == {"operationId": "detokenize", "requestBody": {"tokens": "$response.body#/tokens"}}

@@ -33,6 +33,7 @@ def routes(service: Service) -> list[Route]:
             finish_reason=generation.finish_reason,  # type: ignore[arg-type]
             model_name=info.name,
             model_version=info.revision,
+            reasoning=generation.reasoning or None,
         ))
 
     def structured_of(body: InferRequest) -> StructuredOutput | None:
@@ -50,6 +51,8 @@ def routes(service: Service) -> list[Route]:
         pieces: list[str] = []
         try:
             async for piece in generation:
+                if not piece:  # an upstream reasoning model's reasoning arrived: it comes whole in the result
+                    continue
                 pieces.append(piece)
                 yield sse({"text": piece}, event="token")
             if structured is not None:

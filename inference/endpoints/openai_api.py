@@ -34,11 +34,15 @@ from ..openai_schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    FIELDS,
     MAX_LOGIT_BIAS,
     MAX_MESSAGES,
+    UNKNOWN,
+    Fate,
     Model,
     ModelList,
     SamplingFields,
+    refused_values,
 )
 from ..router import Route
 from ..service import Service, complete_all, http_error_of
@@ -81,6 +85,9 @@ def routes(service: Service) -> list[Route]:
         return json_response(model_object())
 
     embedded = settings.model_backend == "llama"  # else an upstream enforces schemas itself
+    # The embedded engine: fields it refuses may only have the values that ask for nothing (in the document too).
+    chat_limit = {**limit, **(refused_values("chat", ChatCompletionRequest) if embedded else {})}
+    completion_limit = {**limit, **(refused_values("completion", CompletionRequest) if embedded else {})}
 
     def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None,
                  logprobs: int | None) -> SamplingParams:
@@ -152,6 +159,8 @@ def routes(service: Service) -> list[Route]:
                 choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None}}
             else:
                 choice = {"index": index, "text": text}
+            if chat and generation.reasoning:  # an upstream reasoning model's
+                choice["message"]["reasoning_content"] = generation.reasoning
             choice.update(logprobs=_logprobs(generation.logprobs, chat) if logprobs else None, finish_reason=finish)
             choices.append(choice)
         return json_response({**meta.head("chat.completion" if chat else "text_completion"),
@@ -159,21 +168,21 @@ def routes(service: Service) -> list[Route]:
 
     async def chat_completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
-        body = from_json(ChatCompletionRequest, raw, overrides=limit, allow_unknown=True)
-        _refuse_unsupported(raw, CHAT_REFUSED)
+        # Refusals first (they say why); then the embedded engine takes no field it does not know, at any depth.
+        forwarded = _fields_fate(raw, FIELDS["chat"], embedded)
+        refuse_message_fields(raw, embedded)
+        body = from_json(ChatCompletionRequest, raw, overrides=chat_limit, allow_unknown=not embedded)
         if len(body.messages) > MAX_MESSAGES:
             raise HTTPError(422, "validation_error", f"messages: must have at most {MAX_MESSAGES} items",
                             field="messages")
-        _record_user(request, body)
+        _record(request, body)
         check_model(body.model)
-        messages, system = chat_messages(body.messages, settings)
+        messages, system = chat_messages(body.messages, raw["messages"], settings)
         structured = parse_response_format(body.response_format, enforce=embedded)
-        plan, tools = None, None
+        plan = None
         if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
-            if raw.get("tools"):
-                tools = json.dumps({key: raw[key] for key in ("tools", "tool_choice", "parallel_tool_calls")
-                                    if raw.get(key) is not None})
-        elif (plan := plan_tools(raw.get("tools"), raw.get("tool_choice"), enforce=True)) is not None:
+            forwarded.update({key: raw[key] for key in ("tools", "tool_choice") if raw.get(key) is not None})
+        elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True)) is not None:
             if structured is not None:
                 raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
                                 "arguments already follow the function's schema)", field="response_format")
@@ -182,35 +191,39 @@ def routes(service: Service) -> list[Route]:
         if body.top_logprobs is not None and not body.logprobs:
             raise HTTPError(422, "validation_error", "top_logprobs: needs logprobs: true", field="top_logprobs")
         params = replace(sampling(body, body.max_completion_tokens or body.max_tokens, structured,
-                                  (body.top_logprobs or 0) if body.logprobs else None), tools=tools)
+                                  (body.top_logprobs or 0) if body.logprobs else None),
+                         forwarded=json.dumps(forwarded) if forwarded else None)
         generation_request = GenerationRequest(params, messages=messages, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured, plan),
                             system=system)
 
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
-        body = from_json(CompletionRequest, raw, overrides=limit, allow_unknown=True)
-        _refuse_unsupported(raw, COMPLETION_REFUSED)
-        _record_user(request, body)
+        forwarded = _fields_fate(raw, FIELDS["completion"], embedded)
+        body = from_json(CompletionRequest, raw, overrides=completion_limit, allow_unknown=not embedded)
+        _record(request, body)
         check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         structured = parse_response_format(body.response_format, enforce=embedded)
-        params = sampling(body, body.max_tokens or 16, structured, body.logprobs)  # OpenAI's default: 16 tokens
+        params = replace(sampling(body, body.max_tokens or 16, structured, body.logprobs),  # OpenAI's default: 16
+                         forwarded=json.dumps(forwarded) if forwarded else None)
         generation_request = GenerationRequest(params, prompt=prompt, stream=bool(body.stream))
         return await cached(request, raw, body, lambda: answer(request, body, generation_request, structured))
 
     errors = (400, 401, 404, 409, 413, 429, 502, 503, 504)
     return [
-        Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList),
+        Route("GET", "/v1/models", list_models, summary="OpenAI: list models", response_schema=ModelList,
+              links={"RetrieveModel": ("GET /v1/models/{model}",
+                                       {"parameters": {"model": "$response.body#/data/0/id"}})}),
         Route("GET", "/v1/models/{model}", retrieve_model, summary="OpenAI: retrieve a model",
               response_schema=Model, errors=(404,)),
         Route("POST", "/v1/chat/completions", labelled_errors(chat_completions),
               summary="OpenAI: chat completion (stream: SSE)", request_schema=ChatCompletionRequest,
-              response_schema=ChatCompletion, errors=errors, streams=True, overrides=limit,
-              allow_unknown_fields=True, limited=True),
+              response_schema=ChatCompletion, errors=errors, streams=True, overrides=chat_limit,
+              allow_unknown_fields=not embedded, limited=True),
         Route("POST", "/v1/completions", labelled_errors(completions), summary="OpenAI: text completion (stream: SSE)",
               request_schema=CompletionRequest, response_schema=Completion, errors=errors, streams=True,
-              overrides=limit, allow_unknown_fields=True, limited=True),
+              overrides=completion_limit, allow_unknown_fields=not embedded, limited=True),
     ]
 
 
@@ -222,35 +235,41 @@ def _effective(body: SamplingFields) -> dict[str, float]:
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
 
 
-# OpenAI request fields this service does not implement: refused (400, naming the field) rather than ignored,
-# because an app that sends one relies on it. Each: (is this value asking for it?, why it is refused).
-_ASKS = lambda value: value not in (None, False, 0, [], {})  # noqa: E731
-CHAT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "functions": (_ASKS, "function calling (deprecated by OpenAI) is not supported"),
-    "function_call": (lambda v: v not in (None, "none"), "function calling (deprecated by OpenAI) is not supported"),
-    "audio": (lambda v: v is not None, "this model reads and writes text only"),
-    "modalities": (lambda v: v not in (None, ["text"]), "this model writes text only"),
-    "prediction": (lambda v: v is not None, "predicted outputs are not supported"),
-    "web_search_options": (lambda v: v is not None, "web search is not supported"),
-}
-COMPLETION_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "best_of": (lambda v: v not in (None, 1), "only best_of 1 is supported"),
-}
-
-
-def _record_user(request: Request, body: SamplingFields) -> None:
-    """OpenAI's `user` (the caller's id for its end user): into the request log and the server span."""
-    if body.user:
-        request.scope[USER_KEY] = body.user[:256]
-        trace.get_current_span().set_attribute("user.id", body.user[:256])
-
-
-def _refuse_unsupported(raw: Any, refused: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+def _fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "") -> dict[str, Any]:
+    """Refuse (400 naming it) each field whose fate here is "refused" and whose value asks for something; return
+    the fields to forward to an upstream as they came (openai_schemas.FIELDS)."""
+    forwarded: dict[str, Any] = {}
     if not isinstance(raw, dict):
-        return
-    for name, (asks, why) in refused.items():
-        if name in raw and asks(raw[name]):
-            raise HTTPError(400, "unsupported_parameter", f"{name}: {why}", field=name)
+        return forwarded
+    for name, value in raw.items():
+        fate = fates.get(name, UNKNOWN)
+        mode = fate.embedded if embedded else fate.gateway
+        if mode == "refused" and fate.asks(value):
+            raise HTTPError(400, "unsupported_parameter", f"{where}{name}: {fate.why}", field=f"{where}{name}")
+        if mode == "forwarded":
+            forwarded[name] = value
+    return forwarded
+
+
+def refuse_message_fields(raw: Any, embedded: bool) -> None:
+    """The fates of the fields of a request's `messages` (400 naming one that cannot be honoured)."""
+    messages = raw.get("messages") if isinstance(raw, dict) else None
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        _fields_fate(message, FIELDS["message"], embedded, where=f"messages[{i}].")
+
+
+def _record(request: Request, body: SamplingFields) -> None:
+    """Who the end user is (`user`, else `safety_identifier`) into the request log and the server span; a chat's
+    `prompt_cache_key` and `metadata` onto the span."""
+    span = trace.get_current_span()
+    user = body.user or getattr(body, "safety_identifier", None)
+    if user:
+        request.scope[USER_KEY] = user[:256]
+        span.set_attribute("user.id", user[:256])
+    if getattr(body, "prompt_cache_key", None):
+        span.set_attribute("inference.prompt_cache_key", body.prompt_cache_key)  # type: ignore[attr-defined]
+    for key, value in (getattr(body, "metadata", None) or {}).items():
+        span.set_attribute(f"inference.metadata.{key}", value)
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -275,37 +294,43 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def chat_messages(messages: list[ChatCompletionMessage], settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
+def chat_messages(messages: list[ChatCompletionMessage], raw: list[Any],
+                  settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
     """A request's messages as the engine takes them, and the system prompt the service added (None if none).
 
     The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
     one: small models answer far better with it. An upstream's model has its own defaults."""
     embedded = settings.model_backend == "llama"
-    converted = tuple(_chat_message(m, embedded) for m in messages)
+    converted = []
+    for i, (message, fields) in enumerate(zip(messages, raw)):
+        forwarded = _fields_fate(fields, FIELDS["message"], embedded, where=f"messages[{i}].")
+        converted.append(_chat_message(message, embedded, forwarded))
     if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
-        return (ChatMessage("system", settings.system_prompt),) + converted, settings.system_prompt
-    return converted, None
+        return (ChatMessage("system", settings.system_prompt), *converted), settings.system_prompt
+    return tuple(converted), None
 
 
-def _chat_message(message: ChatCompletionMessage, embedded: bool) -> ChatMessage:
-    if embedded:
-        history = render_history({"role": message.role, "tool_calls": message.tool_calls,
-                                  "content": message.content if isinstance(message.content, str) else None,
-                                  "tool_call_id": message.tool_call_id})
-        if history is not None:
-            return ChatMessage(*history)  # type: ignore[arg-type]
-    elif message.tool_calls is not None or message.tool_call_id is not None:  # passed on as they are
+def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dict[str, Any]) -> ChatMessage:
+    text = _text(message)
+    if not embedded:  # as they came: the upstream renders names, tool turns and the rest itself
         calls = None if message.tool_calls is None else json.dumps(message.tool_calls)
-        return ChatMessage(message.role, _text(message), tool_calls=calls,  # type: ignore[arg-type]
-                           tool_call_id=message.tool_call_id)
-    return ChatMessage(ROLES.get(message.role, message.role), _text(message))  # type: ignore[arg-type]
+        return ChatMessage(ROLES.get(message.role, message.role), text, tool_calls=calls,  # type: ignore[arg-type]
+                           tool_call_id=message.tool_call_id, forwarded=json.dumps(forwarded) if forwarded else None)
+    history = render_history({"role": message.role, "tool_calls": message.tool_calls, "content": text,
+                              "tool_call_id": message.tool_call_id})
+    if history is not None:
+        return ChatMessage(*history)  # type: ignore[arg-type]
+    if message.name:
+        text = f"{message.name}: {text}"
+    return ChatMessage(ROLES.get(message.role, message.role), text)  # type: ignore[arg-type]
 
 
 def _text(message: ChatCompletionMessage) -> str:
+    """The message's text: its content (a string or text parts, joined), else an assistant's refusal."""
     content = message.content
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text for part in content)
+    if isinstance(content, list):
+        return "".join(part.text for part in content)
+    return content or message.refusal or ""
 
 
 def _usage(generations: list[Generation]) -> dict[str, int]:
@@ -427,6 +452,10 @@ async def _stream(
                                          "function": {"name": plan.single, "arguments": ""}})
         async for index, piece in _merged(generations):
             choice, generation = choices[index], generations[index]
+            if chat and (reasoning := generation.take_reasoning()):  # an upstream reasoning model's, as it comes
+                yield choice.prefix + b'"delta":{"reasoning_content":' + dump_json(reasoning) + b"}" + no_logprobs
+            if piece == "":
+                continue
             if piece is not None:
                 if choice.text is not None:
                     choice.text.append(piece)

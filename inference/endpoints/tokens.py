@@ -13,7 +13,7 @@ from ..router import Route
 from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from ..service import Service, http_error_of
 from ..validation import from_json
-from .openai_api import chat_messages
+from .openai_api import chat_messages, refuse_message_fields
 
 
 def routes(service: Service) -> list[Route]:
@@ -28,13 +28,17 @@ def routes(service: Service) -> list[Route]:
         return engine
 
     async def tokenize(request: Request) -> Response:
-        # Open like /v1 (its messages are the same objects, and vLLM's clients send more fields).
-        body = from_json(TokenizeRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds), allow_unknown=True)
+        # Closed: a field this endpoint does not know is a 422 naming it. Its messages are /v1's, with their fates
+        # (a message field that cannot be honoured is a 400 naming it).
+        raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
+        refuse_message_fields(raw, embedded=True)
+        body = from_json(TokenizeRequest, raw)
         engine = engine_with_tokenizer()
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
             if body.content is None and body.prompt is None and body.messages is not None:
-                messages, _ = chat_messages(body.messages, settings)  # counted as /v1/chat/completions sends them
+                # Counted as /v1/chat/completions sends them.
+                messages, _ = chat_messages(body.messages, raw["messages"], settings)
                 tokens = await asyncio.to_thread(engine.render, messages,
                                                  add_generation_prompt=body.add_generation_prompt)
             else:
@@ -60,7 +64,7 @@ def routes(service: Service) -> list[Route]:
     return [
         Route("POST", "/tokenize", tokenize, summary="The model's tokens for a text or a chat (llama.cpp / vLLM shape)",
               request_schema=TokenizeRequest, response_schema=TokenizeResponse, errors=(400, 401, 413, 422, 501, 503),
-              allow_unknown_fields=True),
+              links={"Detokenize": ("POST /detokenize", {"requestBody": {"tokens": "$response.body#/tokens"}})}),
         Route("POST", "/detokenize", detokenize, summary="The text of a list of token ids",
               request_schema=DetokenizeRequest, response_schema=DetokenizeResponse, errors=(400, 401, 413, 422, 501, 503)),
     ]

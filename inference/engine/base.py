@@ -20,6 +20,8 @@ class ChatMessage:
     # Tool-call turns as the client sent them, for an upstream (the embedded engine gets them rendered as text).
     tool_calls: str | None = None  # the assistant's calls, as JSON
     tool_call_id: str | None = None  # a `tool` turn's call
+    # For an upstream: the message's other fields as the client sent them (`name`, ...), as JSON.
+    forwarded: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,9 @@ class SamplingParams:
     # as JSON for an upstream (which enforces it itself).
     grammar: str | None = None
     response_format: str | None = None
-    # The request's tools and tool_choice as JSON, for an upstream (which decides and formats the calls itself).
-    tools: str | None = None
+    # For an upstream: the request's fields it gets as they came (tools and tool_choice, which it decides and
+    # formats itself; `user`, `metadata`, `reasoning_effort`, fields this service does not know...), as JSON.
+    forwarded: str | None = None
     # True: lower max_tokens to what the context has room for, instead of refusing (OpenAI's default
     # when a request names no max_tokens).
     fit_context: bool = False
@@ -188,8 +191,14 @@ class Generation(Protocol):
     # With SamplingParams.logprobs: one entry per generated token, appended as the tokens are generated (an
     # entry may arrive before the text it belongs to, which can be held back while it may start a stop sequence).
     logprobs: list[TokenLogprob]
+    # An upstream reasoning model's reasoning (its `reasoning_content`), as far as it has come; "" otherwise. While
+    # it streams, iteration yields "" for each new part of it, so that a stream can pass it on at once.
+    reasoning: str
 
     def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def take_reasoning(self) -> str:
+        """The reasoning that arrived since the last call."""
 
     def cancel(self) -> None:
         """Ask the engine to stop; iteration then ends soon with finish_reason None."""

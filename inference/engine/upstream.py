@@ -63,6 +63,8 @@ class UpstreamGeneration:
         self.finish_reason: FinishReason | None = None
         self.logprobs: list[TokenLogprob] = []
         self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
+        self.reasoning = ""  # a reasoning model's reasoning_content (or reasoning), as far as it has come
+        self._reasoning_sent = 0
         self._response = response
         self._timeout = timeout
         self._deadline = deadline
@@ -95,6 +97,10 @@ class UpstreamGeneration:
                     raise RequestTimeout(self._deadline - self._started) from None
                 raise UpstreamError(504, "upstream_timeout", f"the upstream stalled for {self._timeout:g} s") from None
             raise UpstreamError(502, "upstream_error", f"the upstream's answer broke off: {exc!r}") from None
+
+    def take_reasoning(self) -> str:
+        new, self._reasoning_sent = self.reasoning[self._reasoning_sent:], len(self.reasoning)
+        return new
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -134,6 +140,7 @@ class UpstreamGeneration:
         self.logprobs += _logprobs(choice.get("logprobs"))
         if "message" in choice:
             self.tool_calls = [_call(c) for c in choice["message"].get("tool_calls") or ()]
+            self.reasoning = _reasoning(choice["message"])
         self._usage(data.get("usage"))
         if text:
             yield text
@@ -158,6 +165,10 @@ class UpstreamGeneration:
                 self.logprobs += _logprobs(choice.get("logprobs"))
                 for part in (delta or {}).get("tool_calls") or ():
                     self._add_call(part)
+                if reasoning := _reasoning(delta or {}):
+                    self.reasoning += reasoning
+                    if not text:
+                        yield ""  # wakes the reader: take_reasoning() has something
                 if text:
                     yield text
                 if choice.get("finish_reason"):
@@ -165,6 +176,13 @@ class UpstreamGeneration:
         if self._cancelled:
             return
         self.finish_reason = finish
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    """A reasoning model's reasoning: `reasoning_content` (vLLM, llama.cpp's server, DeepSeek) or `reasoning`
+    (Ollama, OpenRouter, newer vLLM)."""
+    value = message.get("reasoning_content") or message.get("reasoning")
+    return value if isinstance(value, str) else ""
 
 
 def _finish(reason: Any) -> FinishReason:
@@ -302,8 +320,6 @@ class UpstreamEngine:
         if request.messages is not None:
             kind = "chat"
             payload["messages"] = [_message(m) for m in request.messages]
-            if params.tools is not None:
-                payload.update(json.loads(params.tools))
             if params.logprobs is not None:
                 payload["logprobs"], payload["top_logprobs"] = True, params.logprobs
         else:
@@ -311,6 +327,8 @@ class UpstreamEngine:
             payload["prompt"] = request.prompt
             if params.logprobs is not None:
                 payload["logprobs"] = params.logprobs
+        if params.forwarded is not None:
+            payload.update(json.loads(params.forwarded))
         session = self._get_session()
         options: dict[str, Any] = {}
         if request.deadline is not None:  # the whole exchange, body included, ends by the request's deadline
@@ -367,6 +385,8 @@ class UpstreamEngine:
 
 def _message(message: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.forwarded is not None:
+        out.update(json.loads(message.forwarded))
     if message.tool_calls is not None:
         out["tool_calls"] = json.loads(message.tool_calls)
     if message.tool_call_id is not None:

@@ -225,3 +225,107 @@ def test_tool_calls_pass_through_the_gateway(sdk, live, model_id):
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(**{**kwargs, "tool_choice": "auto"})
     assert err.value.body["param"] == "tool_choice"
+
+
+# A reasoning model's answers as vLLM sends them (its OpenAI server with a reasoning parser: `reasoning_content` in
+# the message, `delta.reasoning_content` while streaming), replayed by a recording peer: vLLM and a reasoning model
+# cannot run here. The peer also keeps each request body, to show what the gateway forwards.
+REASONING_MODEL = "Qwen/Qwen3-0.6B"
+RECORDED_ANSWER = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": REASONING_MODEL,
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                 "message": {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4.",
+                             "tool_calls": []}}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+}
+RECORDED_STREAM = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": "2 and 2"}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": " make 4."}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"content": "4"}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}},
+]
+
+
+@pytest.fixture(scope="module")
+def reasoning_upstream():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Peer(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, body, content_type="application/json"):
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.reply(json.dumps({"object": "list", "data": [{"id": REASONING_MODEL, "object": "model"}]}).encode())
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            received.append(body)
+            if body.get("stream"):
+                events = [{"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                           "model": REASONING_MODEL, **chunk} for chunk in RECORDED_STREAM]
+                self.reply(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+                           + b"data: [DONE]\n\n", "text/event-stream")
+            else:
+                self.reply(json.dumps(RECORDED_ANSWER).encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    proc = ServerProcess({"MODEL_BACKEND": "openai",
+                          "UPSTREAM_URL": f"http://127.0.0.1:{server.server_address[1]}/v1"})
+    try:
+        proc.wait_ready(timeout=60)
+        yield proc, received
+    finally:
+        proc.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_gateway_forwards_what_it_does_not_use_itself(reasoning_upstream):
+    gateway, received = reasoning_upstream
+    extras = {"user": "u-1", "safety_identifier": "s-1", "prompt_cache_key": "conv-7", "metadata": {"team": "a"},
+              "store": True, "service_tier": "flex", "reasoning_effort": "high", "verbosity": "low",
+              "parallel_tool_calls": False, "chat_template_kwargs": {"enable_thinking": True}, "top_k": 20}
+    body = {"model": REASONING_MODEL, "max_tokens": 50, **extras,
+            "messages": [{"role": "user", "content": "What is 2+2?", "name": "ann"}]}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    sent = received[-1]
+    for name, value in extras.items():
+        assert sent[name] == value, name
+    assert sent["messages"][-1] == {"role": "user", "content": "What is 2+2?", "name": "ann"}
+    refused = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=30,
+                         json={**body, "audio": {"voice": "alloy", "format": "wav"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "audio"
+
+
+def test_an_upstream_models_reasoning_comes_back(reasoning_upstream):
+    gateway, _ = reasoning_upstream
+    body = {"model": REASONING_MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 50}
+    whole = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30).json()
+    message = whole["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("4", "2 and 2 make 4.")
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=30) as client:
+        chunks = list(client.chat.completions.create(**body, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert (reasoning, content) == ("2 and 2 make 4.", "4")
+    first_reasoning = next(i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None))
+    first_content = next(i for i, d in enumerate(deltas) if d.content)
+    assert first_reasoning < first_content  # passed on as it came, not held until the answer
+    native = httpx.post(f"{gateway.url}/api/v1/infer", json={"prompt": "What is 2+2?", "max_tokens": 50},
+                        timeout=30).json()
+    assert (native["output"], native["reasoning"]) == ("4", "2 and 2 make 4.")  # the native API's chat, upstream

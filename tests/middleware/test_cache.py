@@ -54,7 +54,7 @@ def test_openai_responses_are_cached_whole(engine, cache_settings):
       {"stream": True}]),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0},
      [{"prompt": "Hi!"}, {"max_tokens": 4}, {"seed": 2}, {"stop": "x"}, {"user": "someone"}, {"frequency_penalty": 0.5},
-      {"some_extension": 1}, {"n": 2}, {"logprobs": 1},
+      {"repetition_penalty": 1.1}, {"n": 2}, {"logprobs": 1},
       {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}]),
 ])
 def test_every_parameter_is_part_of_the_key(engine, cache_settings, path, base, variations):

@@ -102,6 +102,10 @@ class LlamaGeneration:
         self.reused_prompt_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.reasoning = ""  # the embedded models do not reason
+
+    def take_reasoning(self) -> str:
+        return ""
 
     def __aiter__(self) -> "LlamaGeneration":
         return self
