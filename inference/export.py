@@ -323,14 +323,14 @@ def main() -> None:
 
     from opentelemetry.sdk.resources import Resource
 
-    from .otlp import BoundedSpanProcessor, grpc_exporter, http_exporter
+    from .otlp import BoundedSpanProcessor, Entry, grpc_exporter, http_exporter
 
     endpoint = config["endpoint"]
-    if config["protocol"] == "grpc":
-        exporter = grpc_exporter(endpoint, insecure=endpoint.startswith("http://"))
-    else:
-        exporter = http_exporter(f"{endpoint}/v1/traces")
     resource = Resource.create(config["resource"])
+    if config["protocol"] == "grpc":
+        exporter = grpc_exporter(endpoint, insecure=endpoint.startswith("http://"), resource=resource)
+    else:
+        exporter = http_exporter(f"{endpoint}/v1/traces", resource)
     dropped = 0
 
     def count(n: int) -> None:
@@ -348,8 +348,8 @@ def main() -> None:
             data = stdin.read(size)
             if len(data) < size:
                 break  # the service ended in the middle of a frame
-            for entry in marshal.loads(data):
-                processor.on_end(rebuild(entry, resource))
+            for entry in marshal.loads(data):  # records go to the exporter as they came (otlp.encode_records)
+                processor.on_end(Entry(entry))
         else:
             processor.force_flush()
         if dropped:

@@ -12,7 +12,8 @@ With --tracing every request is also traced (server, rate_limit and cache lookup
 
 --matrix measures what tracing costs: off, on with no request sampled, 10% sampled and every request, each with
 the in-memory store and with Redis (eight servers), in interleaved rounds. Every process of each server (the HTTP
-process, the engine process, the span export process) is pinned to CPU 0 and wrk to CPU 1, and what counts is
+process, the engine process, the span export process) is pinned to CPU 0, and wrk, redis-server and this script
+(with the OTLP sinks) to CPU 1; what counts is
 requests per CPU-second of the server's processes together, read from /proc before and after each run: a pod's
 CPU limit covers the export process too. It prints the median requests/s, requests per CPU-second, its ratio to
 tracing off with the same store, and the spans each server dropped (export queue full).
@@ -134,8 +135,12 @@ def matrix(redis_url: str, rounds: int, seconds: int, connections: int, stores: 
         rates: list[list[float]] = [[] for _ in configs]
         per_cpu: list[list[float]] = [[] for _ in configs]
         for round_ in range(rounds):
-            order = list(range(len(configs)))
-            order = order[round_ % len(order):] + order[:round_ % len(order)]
+            # Per store, its four settings back to back (their ratios compare neighbours in time), the order
+            # rotating from round to round.
+            order = []
+            for store in stores:
+                mine = [i for i, config in enumerate(configs) if config[0] == store]
+                order += mine[round_ % len(mine):] + mine[:round_ % len(mine)]
             for i in order:
                 before = servers[i].cpu_seconds()
                 rps, _ = wrk(servers[i].url, connections, seconds, BODY, cpu=1)
@@ -145,13 +150,17 @@ def matrix(redis_url: str, rounds: int, seconds: int, connections: int, stores: 
             print(f"  round {round_ + 1} of {rounds} done", file=sys.stderr, flush=True)
         print(f"cache hits, rate limiter on, one worker (every process on CPU 0), wrk on CPU 1 with {connections} "
               f"connections: median of {rounds} rounds of {seconds} s")
-        print("  store   tracing               req/s    req per CPU-s (min-max)   vs off   spans dropped")
-        off = {}
+        # This machine's speed drifts by tens of percent over minutes (a shared VM): each round's figure is divided
+        # by the same round's tracing-off figure for the store, and the median of those ratios is the result.
+        print("  store   tracing               req/s    req per CPU-s (min-max)   vs off (per-round ratios: median, "
+              "quartiles)   spans dropped")
+        baseline = {store: per_cpu[i] for i, (store, label, _) in enumerate(configs) if label == "off"}
         for (store, label, _), server, rps, efficiency in zip(configs, servers, rates, per_cpu):
-            median = statistics.median(efficiency)
-            off.setdefault(store, median)
-            print(f"  {store:<7} {label:<20} {statistics.median(rps):>6.0f}   {median:>7.0f} ({min(efficiency):.0f}-"
-                  f"{max(efficiency):.0f}){median / off[store]:>10.2f}x   {server.spans_dropped()}", flush=True)
+            ratios = sorted(e / b for e, b in zip(efficiency, baseline[store]))
+            low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            print(f"  {store:<7} {label:<20} {statistics.median(rps):>6.0f}   {statistics.median(efficiency):>7.0f} "
+                  f"({min(efficiency):.0f}-{max(efficiency):.0f})   {statistics.median(ratios):.2f}x ({low:.2f}-"
+                  f"{high:.2f})   {server.spans_dropped()}", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -184,6 +193,9 @@ def main() -> None:
                              "Redis, in interleaved rounds: median requests/s and the ratios to tracing off")
     args = parser.parse_args()
 
+    if args.matrix and len(os.sched_getaffinity(0)) > 1:
+        # This script (the trace sinks), redis-server and wrk on CPU 1; each server on CPU 0, alone.
+        os.sched_setaffinity(0, {1})
     redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
                              stdout=subprocess.DEVNULL)

@@ -11,7 +11,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from inference.export import rebuild, record
-from inference.otlp import encode_spans
+from inference.otlp import encode_records
+
+
+def encode_spans(spans):
+    """Our encoding of SDK spans, as the export process makes it: their records, one request per resource (the
+    export process has one; requests concatenated are their union), parsed back into a message to compare."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    resources = list(dict.fromkeys(s.resource for s in spans))
+    return ExportTraceServiceRequest.FromString(b"".join(
+        encode_records([record(s) for s in spans if s.resource is resource], resource) for resource in resources))
 
 VALUES = {
     "text": "POST /api/v1/infer", "empty": "", "unicode": "ünïcødé ✓", "yes": True, "no": False, "zero": 0,
@@ -368,3 +378,24 @@ def otlp_sink(received):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def test_the_wire_encoder_gives_the_sdks_bytes_from_the_records():
+    """What the export process sends: records (as they cross the pipe) encoded straight to bytes, equal to the
+    SDK's request for the spans they were made of, serialized; one request per resource, as the export process
+    has one."""
+    import marshal
+
+    from inference.otlp import encode_records
+
+    spans = recorded_spans()
+    entries = marshal.loads(marshal.dumps([record(s) for s in spans]))
+    resources = list(dict.fromkeys(s.resource for s in spans))
+    assert len(resources) == 2
+    for resource in resources:
+        group = [e for e, s in zip(entries, spans) if s.resource is resource]
+        originals = [s for s in spans if s.resource is resource]
+        assert encode_records(group, resource) == sdk_encode_spans(originals).SerializeToString()
+        for entry, span in zip(group, originals):
+            assert encode_records([entry], resource) == sdk_encode_spans([span]).SerializeToString(), span.name
+    assert encode_records([], resources[0]) == sdk_encode_spans([]).SerializeToString() == b""
