@@ -73,8 +73,7 @@ class Service:
             Policy("tokens", settings.rate_limit_tokens_per_minute, 60, settings.rate_limit_tokens_per_minute)
             if settings.rate_limit_enabled and settings.rate_limit_tokens_per_minute else None
         )
-        if hasattr(engine, "on_restart"):
-            engine.on_restart = lambda cause: self.metrics.engine_restarts.labels(cause).inc()
+        engine.on_restart = lambda cause: self.metrics.engine_restarts.labels(cause).inc()
         self._background: set[asyncio.Task[None]] = set()
         self.state = "loading"
         self.reason: str | None = "the model is loading"
@@ -109,10 +108,8 @@ class Service:
                               self._abort)
 
     def _abort(self) -> None:
-        abort = getattr(self.engine, "abort", None)
-        if abort is not None:
-            log.warning("shutdown timeout: ending the requests still in flight with an error")
-            abort()
+        log.warning("shutdown timeout: ending the requests still in flight with an error")
+        self.engine.abort()
 
     async def _load(self) -> None:
         try:
@@ -126,7 +123,7 @@ class Service:
             return
         if self.state == "loading":
             self.state, self.reason = "ready", None
-        if self.settings.watchdog_seconds and getattr(self.engine, "progress", None) is not None:
+        if self.settings.watchdog_seconds and self.engine.progress is not None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         info = self.engine.info
         self.metrics.model_info.labels(info.name, info.revision, info.backend).set(1)
@@ -143,12 +140,12 @@ class Service:
         still stuck after ENGINE_STALL_RESTART_SECONDS is replaced."""
         limit = self.settings.watchdog_seconds
         restart_after = self.settings.engine_stall_restart_seconds
-        engine: Any = self.engine
+        engine = self.engine
         last, since = engine.progress, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             now, progress = time.monotonic(), engine.progress
-            if getattr(engine, "health", None) is not None:  # a new engine process is starting: nothing to judge
+            if engine.health is not None:  # a new engine process is starting: nothing to judge
                 since = now
             elif progress != last or not engine.busy:
                 last, since = progress, now
@@ -159,7 +156,7 @@ class Service:
                 self.stalled = True
                 self.metrics.stalls.inc()
                 log.error("the engine has made no progress for %g s with work in flight: not ready", limit)
-            elif self.stalled and restart_after and now - since >= restart_after and hasattr(engine, "restart"):
+            elif self.stalled and restart_after and now - since >= restart_after:
                 # A process of its own: a stuck engine can be replaced (what runs fails, what waits is kept).
                 if engine.restart(f"it made no progress for {now - since:.0f} s with requests in flight"):
                     since = now
@@ -168,7 +165,7 @@ class Service:
     @property
     def readiness(self) -> tuple[str, str | None]:
         """("ready", None), or the state and why not: loading, failed, restarting, stalled, draining, stopping."""
-        health = getattr(self.engine, "health", None)  # the engine process: restarting, or failed for good
+        health = self.engine.health  # the engine process: restarting, or failed for good
         if health is not None and (self.state == "ready" or (self.state == "draining" and health[0] == "failed")):
             return health
         if self.state == "ready" and self.stalled:
@@ -209,7 +206,7 @@ class Service:
     def model(self) -> ModelInfo:
         """The served model, or 503 while it is not ready (a restarting engine process is: what arrives waits for
         the new one)."""
-        health = getattr(self.engine, "health", None)
+        health = self.engine.health
         if health is not None and health[0] == "failed":
             raise HTTPError(503, "model_not_ready", health[1] or "the engine failed",
                             headers={"Retry-After": NOT_READY_RETRY_AFTER})
@@ -278,7 +275,7 @@ class Service:
             scope[USAGE_KEY] = {"prompt_tokens": prompt, "completion_tokens": completion}
         self.metrics.tokens.labels("prompt").inc(prompt)
         self.metrics.tokens.labels("completion").inc(completion)
-        reused = sum(getattr(g, "reused_prompt_tokens", 0) for g in generations)
+        reused = sum(g.reused_prompt_tokens for g in generations)
         if reused:
             self.metrics.reused.inc(reused)
         example = exemplar()

@@ -149,7 +149,7 @@ def routes(service: Service) -> list[Route]:
             if structured is not None:
                 structured.check(text, generation.finish_reason)
             finish = generation.finish_reason
-            calls = plan.calls(text) if plan is not None else getattr(generation, "tool_calls", None)
+            calls = plan.calls(text) if plan is not None else generation.tool_calls
             if calls:  # the grammar's call, or the upstream's calls (with whatever text came before them)
                 content = None if plan is not None else text or None
                 choice = {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
@@ -479,7 +479,7 @@ async def _stream(
                     (call,) = plan.calls(text)
                     yield tool_delta(index, {"index": 0, **call, "id": choice.call_id})
                 finish = "tool_calls" if finish == "stop" else finish
-            elif getattr(generation, "tool_calls", None):  # an upstream's calls: whole, once they are complete
+            elif generation.tool_calls:  # an upstream's calls: whole, once they are complete
                 for number, call in enumerate(generation.tool_calls):
                     yield tool_delta(index, {"index": number, **call})
                 finish = "tool_calls" if finish == "stop" else finish

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from ..config import Settings
-from ..engine.base import EngineError
+from ..engine.base import EngineError, Tokenizer
 from ..errors import HTTPError
 from ..http import Request, Response, json_response
 from ..router import Route
@@ -22,7 +22,7 @@ def routes(service: Service) -> list[Route]:
     def engine_with_tokenizer():
         service.model()  # 503 while loading
         engine = service.engine
-        if not hasattr(engine, "tokenize"):
+        if not isinstance(engine, Tokenizer):
             raise HTTPError(501, "not_supported", "the upstream backend has no tokenizer here; ask the upstream's "
                                                   "own /tokenize")
         return engine

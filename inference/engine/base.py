@@ -8,7 +8,7 @@ Generation early (client gone) cancels the work behind it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
@@ -194,6 +194,11 @@ class Generation(Protocol):
     # An upstream reasoning model's reasoning (its `reasoning_content`), as far as it has come; "" otherwise. While
     # it streams, iteration yields "" for each new part of it, so that a stream can pass it on at once.
     reasoning: str
+    # An upstream's tool calls in OpenAI's shape, complete once iteration ends ([] for the embedded engine, whose
+    # calls the service's own grammar produces).
+    tool_calls: list[dict[str, Any]]
+    # Prompt tokens taken from a cached prefix instead of evaluated (0 where nothing is cached).
+    reused_prompt_tokens: int
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 
@@ -257,3 +262,35 @@ class Engine(Protocol):
     @property
     def queue_depth(self) -> int:
         """Requests accepted but not yet generating."""
+
+    # What the service watches and steers: the watchdog, readiness, the restart metric, shutdown.
+    on_restart: Callable[[str], None] | None  # told the cause each time the engine had to be started again
+
+    @property
+    def progress(self) -> int | None:
+        """Steps the engine has taken; None: it cannot tell (no watchdog runs then)."""
+
+    @property
+    def busy(self) -> bool:
+        """Work is in flight (the watchdog judges only then)."""
+
+    @property
+    def health(self) -> tuple[str, str | None] | None:
+        """None while it serves; else ("restarting" | "failed", why)."""
+
+    def restart(self, why: str) -> bool:
+        """Replace a stuck engine (what runs fails, what waits is kept); False when it cannot be replaced."""
+
+    def abort(self) -> None:
+        """End every request in flight with an error (the shutdown timeout) and refuse new ones."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """An engine that has the model's own tokenizer here (the embedded one; an upstream's stays upstream)."""
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]: ...

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 import weakref
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -63,6 +63,7 @@ class UpstreamGeneration:
         self.finish_reason: FinishReason | None = None
         self.logprobs: list[TokenLogprob] = []
         self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
+        self.reused_prompt_tokens = 0  # the upstream's prefix cache is its own business
         self.reasoning = ""  # a reasoning model's reasoning_content (or reasoning), as far as it has come
         self._reasoning_sent = 0
         self._response = response
@@ -234,6 +235,7 @@ class UpstreamEngine:
         self._info: ModelInfo | None = None
         self._closed = threading.Event()
         self._live: weakref.WeakSet[UpstreamGeneration] = weakref.WeakSet()
+        self.on_restart: Callable[[str], None] | None = None  # nothing here is ever restarted
 
     @property
     def info(self) -> ModelInfo:
@@ -248,6 +250,17 @@ class UpstreamEngine:
     @property
     def queue_depth(self) -> int:
         return 0  # requests wait at the upstream, not here
+
+    # The upstream generates: there are no steps to watch here, and nothing to restart.
+    progress = None
+    health = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._live)
+
+    def restart(self, why: str) -> bool:
+        return False
 
     def load(self) -> None:
         """Find the upstream's model (its first one unless UPSTREAM_MODEL names it); retry until it answers."""

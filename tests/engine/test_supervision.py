@@ -111,6 +111,9 @@ def test_a_crash_ends_running_streams_with_an_error_and_runs_the_waiting_request
                 while not watching.is_set():
                     response = client.get("/ready")
                     readiness.append((response.status_code, response.json()["status"]))
+                    # A probe's pace, not a flood: back to back, these calls took a core from the 2 the engine
+                    # process needs and made the new engine's answers take up to a minute.
+                    time.sleep(0.01)
 
         watcher = threading.Thread(target=watch)
         watcher.start()

@@ -103,6 +103,7 @@ class LlamaGeneration:
         self.finish_reason: FinishReason | None = None
         self.logprobs: list[TokenLogprob] = []
         self.reasoning = ""  # the embedded models do not reason
+        self.tool_calls: list[dict[str, Any]] = []  # calls come from the service's grammar, read back from the text
 
     def take_reasoning(self) -> str:
         return ""
@@ -272,7 +273,7 @@ class LlamaEngine:
     def abort(self) -> None:
         """End every request in flight with an error (shutdown timeout) and refuse new ones."""
         self._closed = True
-        if self._supervisor is not None and not self._supervisor.send(("abort",)):
+        if self._supervisor is not None and not self._supervisor.abort():
             self._fail_all(EngineNotReady("the service is shutting down"))
 
     def load(self) -> None:

@@ -78,6 +78,8 @@ class Supervisor:
         while not self._spawn():  # each death on the way counts toward the crash loop
             if self.state == "failed":
                 raise EngineStartFailed(self.reason or "the engine process could not start")
+            if self.state in ("closing", "stopped"):
+                raise EngineStartFailed("the service is shutting down")
         self._thread = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
         self._thread.start()
 
@@ -97,7 +99,14 @@ class Supervisor:
             message = None
         if message is not None and message[0] == "ready":
             self.ready_info = message[1]
-            self.state, self.reason = "ready", None
+            with self._send_lock:
+                if self.state in ("closing", "stopped"):  # shut down while it started: it ends at once
+                    try:
+                        conn.send(("close",))
+                    except OSError:
+                        pass
+                    return False
+                self.state, self.reason = "ready", None
             return True
         if message is not None and message[0] == "failed":
             proc.wait()
@@ -116,12 +125,12 @@ class Supervisor:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                if self.state in ("closing", "stopped"):
+                if self.state in ("closing", "stopped"):  # asked to end (stop, abort): no restart
                     return
                 self._died(before_ready=False)
-                while self.state != "failed" and not self._spawn():  # each death on the way counts
+                while self.state == "restarting" and not self._spawn():  # each death on the way counts
                     pass
-                if self.state == "failed":
+                if self.state != "ready":  # failed for good, or the service began to shut down meanwhile
                     return
                 self.on_ready()
                 continue
@@ -134,6 +143,8 @@ class Supervisor:
         assert proc is not None and conn is not None
         conn.close()
         status = proc.wait()
+        if self.state in ("closing", "stopped"):  # the service is shutting down: an end, not a death
+            return
         how = describe_exit(status)
         self.state = "restarting"  # before anyone hears of the death: readiness already says so
         cause = signal.Signals(-status).name if status < 0 and -status in signal.valid_signals() else "exit"
@@ -191,25 +202,43 @@ class Supervisor:
         proc.kill()
         return True
 
+    def abort(self) -> bool:
+        """The shutdown timeout: the engine process ends what it holds with an error and exits, which is not a
+        death: nothing is restarted from here on. False when no engine process was there to tell."""
+        with self._send_lock:
+            ready, self.state = self.state == "ready", "closing"
+            if not ready or self._conn is None:
+                return False
+            try:
+                self._conn.send(("abort",))
+            except OSError:
+                return False
+            return True
+
     def stop(self) -> None:
         """Ask the engine to finish (what is left fails), wait for it, kill it if it does not end in time."""
-        state, self.state = self.state, "closing"
-        proc = self._proc
-        if state == "ready" and self._conn is not None:
-            with self._send_lock:
+        with self._send_lock:
+            state, self.state = self.state, "closing"
+            if state == "ready" and self._conn is not None:
                 try:
                     self._conn.send(("close",))
                 except OSError:
                     pass
-        if proc is not None:
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.error("the engine process did not end within %g s of shutdown: killing it", STOP_TIMEOUT)
-                proc.kill()
-                proc.wait()
+        self._end(self._proc)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=STOP_TIMEOUT)
+        self._end(self._proc)  # one the watch thread was starting when the shutdown began (it is told to close)
         if self._conn is not None:
             self._conn.close()
         self.state = "stopped"
+
+    @staticmethod
+    def _end(proc: subprocess.Popen | None) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("the engine process did not end within %g s of shutdown: killing it", STOP_TIMEOUT)
+            proc.kill()
+            proc.wait()
