@@ -22,7 +22,7 @@ from .telemetry import Metrics, create_tracing
 
 def create_engine(settings: Settings) -> Engine:
     """The engine MODEL_BACKEND names; may download the default model (models.pull) first."""
-    if settings.model_backend == "openai":
+    if not settings.embedded:
         from .engine.upstream import UpstreamEngine
 
         assert settings.upstream_url is not None  # Settings.check guarantees it

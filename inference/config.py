@@ -274,9 +274,9 @@ class Settings:
 
     def check(self) -> None:
         """Cross-field rules that no single variable can express."""
-        if self.model_backend == "openai" and self.upstream_url is None:
+        if not self.embedded and self.upstream_url is None:
             raise ConfigError("MODEL_BACKEND=openai needs UPSTREAM_URL (the base URL of an OpenAI-compatible server)")
-        if self.model_backend == "llama" and self.max_tokens_limit >= self.n_ctx:
+        if self.embedded and self.max_tokens_limit >= self.n_ctx:
             raise ConfigError(
                 f"MAX_TOKENS_LIMIT={self.max_tokens_limit} is invalid: must be smaller than N_CTX={self.n_ctx}"
             )
@@ -296,6 +296,11 @@ class Settings:
         if self.redis_password is None and self.redis_password_file is not None:
             return self.redis_password_file.read_text().strip()
         return self.redis_password
+
+    @property
+    def embedded(self) -> bool:
+        """The model runs here (MODEL_BACKEND=llama), not behind an upstream: the one place this is decided."""
+        return self.model_backend == "llama"
 
     @property
     def burst(self) -> int:

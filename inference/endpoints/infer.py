@@ -41,7 +41,7 @@ def routes(service: Service) -> list[Route]:
             return None
         try:
             return parse_response_format({"type": "json_schema", "json_schema": {"name": "output", "schema": body.json_schema}},
-                                         enforce=settings.model_backend == "llama")
+                                         enforce=settings.embedded)
         except HTTPError as exc:
             why = exc.message.removeprefix("response_format: ").replace("json_schema.schema", "json_schema")
             raise HTTPError(422, "validation_error", f"json_schema: {why}", field="json_schema") from None
@@ -78,7 +78,7 @@ def routes(service: Service) -> list[Route]:
         return await service.respond(request, material, deterministic, lambda: answer(request, body, structured))
 
     async def answer(request: Request, body: InferRequest, structured: StructuredOutput | None) -> Response:
-        embedded = settings.model_backend == "llama"
+        embedded = settings.embedded
         generation = await service.generate(
             GenerationRequest(
                 params=SamplingParams(

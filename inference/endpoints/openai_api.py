@@ -84,7 +84,7 @@ def routes(service: Service) -> list[Route]:
             raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist", field="model")
         return json_response(model_object())
 
-    embedded = settings.model_backend == "llama"  # else an upstream enforces schemas itself
+    embedded = settings.embedded  # else an upstream enforces schemas itself
     # The embedded engine: fields it refuses may only have the values that ask for nothing (in the document too).
     chat_limit = {**limit, **(refused_values("chat", ChatCompletionRequest) if embedded else {})}
     completion_limit = {**limit, **(refused_values("completion", CompletionRequest) if embedded else {})}
@@ -300,7 +300,7 @@ def chat_messages(messages: list[ChatCompletionMessage], raw: list[Any],
 
     The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
     one: small models answer far better with it. An upstream's model has its own defaults."""
-    embedded = settings.model_backend == "llama"
+    embedded = settings.embedded
     converted = []
     for i, (message, fields) in enumerate(zip(messages, raw)):
         forwarded = _fields_fate(fields, FIELDS["message"], embedded, where=f"messages[{i}].")

@@ -23,6 +23,13 @@ from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcom
 from ..store.base import Store, StoreUnavailable
 from ..telemetry import Metrics, Tracing, span
 
+
+def fingerprint(material: dict[str, Any]) -> str:
+    """The sha256 of a request's normalized material as canonical JSON (sorted keys, no spaces): the response
+    cache's key and an idempotency record's check that a retry is the same request."""
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
 log = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
@@ -51,8 +58,7 @@ class ResponseCache:
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
 
     def key(self, material: dict[str, Any]) -> str:
-        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return self.prefix + hashlib.sha256(canonical.encode()).hexdigest()
+        return self.prefix + fingerprint(material)
 
     async def serve(
         self,

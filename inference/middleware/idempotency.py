@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from typing import Any, Awaitable, Callable
 
@@ -25,7 +24,7 @@ from ..config import Settings
 from ..errors import HTTPError
 from ..http import Request, Response
 from ..store.base import Store, StoreUnavailable
-from .cache import recorded, replay
+from .cache import fingerprint, recorded, replay
 from .identity import client_id
 
 HEADER = "idempotency-key"
@@ -53,8 +52,7 @@ class Idempotency:
         if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable() or not key.isascii():
             raise HTTPError(400, "invalid_header", f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII "
                             "characters", field="Idempotency-Key")
-        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        digest = hashlib.sha256(canonical.encode()).hexdigest().encode()
+        digest = fingerprint(material).encode()
         client = client_id(request.scope, self.settings.trusted_proxies)
         record_key = self.prefix + hashlib.sha256(f"{client}\n{key}".encode()).hexdigest()
         deadline = time.monotonic() + self.settings.request_timeout_seconds
