@@ -164,7 +164,7 @@ def test_message_fields_that_cannot_be_honoured_are_refused_by_name(openai_clien
 
 
 def test_a_participant_name_and_a_tool_result_in_parts_reach_the_prompt(live, model_id):
-    from inference.endpoints.openai_api import chat_messages
+    from inference.endpoints.openai_api import chat_messages, message_fates
     from inference.openai_schemas import ChatCompletionRequest
     from inference.validation import from_json
 
@@ -175,7 +175,7 @@ def test_a_participant_name_and_a_tool_result_in_parts_reach_the_prompt(live, mo
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "Sunny, "},
                                                            {"type": "text", "text": "21 C"}]}]}
     body = from_json(ChatCompletionRequest, raw, allow_unknown=True)
-    messages, _ = chat_messages(body.messages, raw["messages"], live.app.service.settings)
+    messages, _ = chat_messages(body.messages, message_fates(raw, True), live.app.service.settings)
     contents = [m.content for m in messages if m.role != "system"]
     assert contents[0] == "ann: What is the weather?"
     assert contents[2].endswith("Sunny, 21 C")

@@ -117,3 +117,25 @@ def test_when_every_connection_is_mid_request_a_newcomer_gets_a_json_503(guarded
         while (status := client.get("/health").status_code) == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # the server notices the closed sockets on its own loop
         assert status == 200
+
+
+def test_the_open_file_limit_is_raised_to_fit_max_connections():
+    """A process started at a soft limit of 256 (a hard one far higher) raises it to MAX_CONNECTIONS plus what the
+    service itself holds; one whose hard limit is too low keeps it and holds fewer connections."""
+    import subprocess
+    import sys
+
+    script = """
+import resource
+from inference.__main__ import FILES_RESERVED, raise_open_file_limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, {hard}))
+held = raise_open_file_limit(1024)
+print(held, resource.getrlimit(resource.RLIMIT_NOFILE)[0], FILES_RESERVED)
+"""
+    roomy = subprocess.run([sys.executable, "-c", script.format(hard=4096)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert roomy == ["1280", "1280", "256"]
+    tight = subprocess.run([sys.executable, "-c", script.format(hard=512)], capture_output=True, text=True,
+                           check=True)
+    assert tight.stdout.split()[:2] == ["512", "512"]
+    assert "at most 256 connections are held" in tight.stderr

@@ -170,14 +170,14 @@ def routes(service: Service) -> list[Route]:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         # Refusals first (they say why); then the embedded engine takes no field it does not know, at any depth.
         forwarded = _fields_fate(raw, FIELDS["chat"], embedded)
-        refuse_message_fields(raw, embedded)
+        forwarded_by_message = message_fates(raw, embedded)
         body = from_json(ChatCompletionRequest, raw, overrides=chat_limit, allow_unknown=not embedded)
         if len(body.messages) > MAX_MESSAGES:
             raise HTTPError(422, "validation_error", f"messages: must have at most {MAX_MESSAGES} items",
                             field="messages")
         _record(request, body)
         check_model(body.model)
-        messages, system = chat_messages(body.messages, raw["messages"], settings)
+        messages, system = chat_messages(body.messages, forwarded_by_message, settings)
         structured = parse_response_format(body.response_format, enforce=embedded)
         plan = None
         if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
@@ -251,11 +251,12 @@ def _fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = 
     return forwarded
 
 
-def refuse_message_fields(raw: Any, embedded: bool) -> None:
-    """The fates of the fields of a request's `messages` (400 naming one that cannot be honoured)."""
+def message_fates(raw: Any, embedded: bool) -> list[dict[str, Any]]:
+    """The fates of the fields of a request's `messages`: a 400 naming one that cannot be honoured, else each
+    message's fields to forward to an upstream."""
     messages = raw.get("messages") if isinstance(raw, dict) else None
-    for i, message in enumerate(messages if isinstance(messages, list) else ()):
-        _fields_fate(message, FIELDS["message"], embedded, where=f"messages[{i}].")
+    return [_fields_fate(message, FIELDS["message"], embedded, where=f"messages[{i}].")
+            for i, message in enumerate(messages if isinstance(messages, list) else ())]
 
 
 def _record(request: Request, body: SamplingFields) -> None:
@@ -294,17 +295,15 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def chat_messages(messages: list[ChatCompletionMessage], raw: list[Any],
+def chat_messages(messages: list[ChatCompletionMessage], forwarded: list[dict[str, Any]],
                   settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
     """A request's messages as the engine takes them, and the system prompt the service added (None if none).
 
     The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
-    one: small models answer far better with it. An upstream's model has its own defaults."""
+    one: small models answer far better with it. An upstream's model has its own defaults. `forwarded`: each
+    message's fields for an upstream (message_fates)."""
     embedded = settings.embedded
-    converted = []
-    for i, (message, fields) in enumerate(zip(messages, raw)):
-        forwarded = _fields_fate(fields, FIELDS["message"], embedded, where=f"messages[{i}].")
-        converted.append(_chat_message(message, embedded, forwarded))
+    converted = [_chat_message(message, embedded, fields) for message, fields in zip(messages, forwarded)]
     if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
         return (ChatMessage("system", settings.system_prompt), *converted), settings.system_prompt
     return tuple(converted), None

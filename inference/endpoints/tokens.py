@@ -13,7 +13,7 @@ from ..router import Route
 from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from ..service import Service, http_error_of
 from ..validation import from_json
-from .openai_api import chat_messages, refuse_message_fields
+from .openai_api import chat_messages, message_fates
 
 
 def routes(service: Service) -> list[Route]:
@@ -31,14 +31,14 @@ def routes(service: Service) -> list[Route]:
         # Closed: a field this endpoint does not know is a 422 naming it. Its messages are /v1's, with their fates
         # (a message field that cannot be honoured is a 400 naming it).
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
-        refuse_message_fields(raw, embedded=True)
+        forwarded = message_fates(raw, embedded=True)
         body = from_json(TokenizeRequest, raw)
         engine = engine_with_tokenizer()
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
             if body.content is None and body.prompt is None and body.messages is not None:
                 # Counted as /v1/chat/completions sends them.
-                messages, _ = chat_messages(body.messages, raw["messages"], settings)
+                messages, _ = chat_messages(body.messages, forwarded, settings)
                 tokens = await asyncio.to_thread(engine.render, messages,
                                                  add_generation_prompt=body.add_generation_prompt)
             else:
