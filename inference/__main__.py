@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from .config import ConfigError, Settings
-from .logs import configure as configure_logging
-from .models import ModelUnavailable, pull
+from .telemetry.logs import configure as configure_logging
+from .engine.llama.models import ModelUnavailable, pull
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers uvicorn buffers
 # Open files the service needs besides client connections: the model, Redis's pool (64), the engine and export
@@ -102,7 +102,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import build_app
-    from .protocol import guarded_protocol
+    from .web.protocol import guarded_protocol
 
     failed = False
     server: uvicorn.Server | None = None

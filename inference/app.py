@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import Settings
-from .endpoints import infer, meta, openai_api, tokens
+from .api import meta, tokens
+from .api.native import infer
+from .api.openai import routes as openai_api
 from .engine.base import Engine
-from .http import ASGIApp, Receive, Scope, Send
+from .web.http import ASGIApp, Receive, Scope, Send
 from .middleware.auth import auth
 from .middleware.errors import errors
 from .middleware.limit import limit
 from .middleware.metrics import metrics as observe_metrics
 from .middleware.tracing import tracing as tracing_middleware
-from .router import Route, Router
-from .service import Service
+from .web.router import Route, Router
+from .serving.service import Service
 from .store.base import Store
 from .store.memory import MemoryStore
-from .telemetry import Metrics, create_tracing
+from .telemetry.tracing import Metrics, create_tracing
 
 
 def create_engine(settings: Settings) -> Engine:
@@ -31,7 +33,7 @@ def create_engine(settings: Settings) -> Engine:
             timeout=settings.upstream_timeout_seconds,
         )
     from .engine.llama import LlamaEngine
-    from .models import resolve_model
+    from .engine.llama.models import resolve_model
 
     path, sha256 = resolve_model(settings.model_path, settings.model_cache_dir)
     return LlamaEngine(

@@ -281,7 +281,7 @@ def main() -> int:
     levels = [int(x) for x in args.streams.split(",")]
 
     from inference.config import Settings
-    from inference.models import resolve_model
+    from inference.engine.llama.models import resolve_model
 
     model = args.model or resolve_model(None, Settings.from_env({}, env_file=None).model_cache_dir)[0]
     if args.child == "loop":

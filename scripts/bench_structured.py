@@ -44,8 +44,8 @@ async def run(args: argparse.Namespace) -> dict:
     from inference.config import Settings
     from inference.engine.base import ChatMessage, GenerationRequest, SamplingParams
     from inference.engine.llama import LlamaEngine
-    from inference.models import resolve_model
-    from inference.structured import parse_response_format
+    from inference.engine.llama.models import resolve_model
+    from inference.serving.structured import parse_response_format
 
     model = args.model or resolve_model(None, Settings.from_env({}, env_file=None).model_cache_dir)[0]
     engine = LlamaEngine(model, n_ctx=2048, max_concurrent=1)

@@ -11,7 +11,7 @@ Steps:
      user, every capability dropped, no new privileges, host network with a real redis-server on the host;
   4. checks: ready without downloading anything, an inference answers, the repeat is an `X-Cache: HIT` whose
      entry is in Redis, /metrics answers, the request's trace reaches an OTLP/HTTP collector on the host (spans
-     leave through the export process, `python -m inference.export`, inside the container), and SIGTERM stops
+     leave through the export process, `python -m inference.telemetry.export`, inside the container), and SIGTERM stops
      the container cleanly well before a grace period.
      With --upstream, the upstream-only image (build argument BACKEND=openai) is built too and run as a gateway
      in front of the first container.

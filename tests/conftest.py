@@ -18,7 +18,7 @@ import pytest
 
 from inference.config import Settings
 from inference.engine.llama import LlamaEngine
-from inference.models import resolve_model
+from inference.engine.llama.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from ..errors import HTTPError
-from ..http import ASGIApp, Receive, Scope, Send
-from .identity import CLIENT_KEY
+from ..web.errors import HTTPError
+from ..web.http import ASGIApp, Receive, Scope, Send
+from ..web.identity import CLIENT_KEY
 
 AUTHORIZATION = b"authorization"
 PROTECTED_PREFIXES = ("/v1/", "/api/v1/", "/tokenize", "/detokenize")

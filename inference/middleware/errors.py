@@ -7,8 +7,8 @@ import re
 import uuid
 from typing import Callable
 
-from ..errors import HTTPError
-from ..http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, error_response
+from ..web.errors import HTTPError
+from ..web.http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, error_response
 
 log = logging.getLogger("inference.errors")
 

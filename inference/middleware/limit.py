@@ -9,11 +9,11 @@ from functools import cache
 from opentelemetry import trace
 
 from ..config import Settings
-from ..errors import HTTPError
-from ..http import ASGIApp, Message, Receive, Scope, Send
+from ..web.errors import HTTPError
+from ..web.http import ASGIApp, Message, Receive, Scope, Send
 from ..store.base import Decision, Policy, Store, StoreUnavailable
-from ..telemetry import Tracing, span
-from .identity import client_id
+from ..telemetry.tracing import Tracing, span
+from ..web.identity import client_id
 
 POLICY_NAME = "per-client"
 NO_TRACING = Tracing(trace.NoOpTracer())

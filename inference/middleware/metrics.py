@@ -13,11 +13,11 @@ import time
 from typing import Any, Callable
 
 from ..config import Settings
-from ..errors import HTTPError
-from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry import SPAN_KEY, Metrics, exemplar, trace_id
+from ..web.errors import HTTPError
+from ..web.http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from ..telemetry.tracing import SPAN_KEY, Metrics, exemplar, trace_id
 from .errors import response_status
-from .identity import CLIENT_KEY
+from ..web.identity import CLIENT_KEY
 
 log = logging.getLogger("inference.access")
 

@@ -6,9 +6,9 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ..errors import HTTPError
-from ..http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry import SPAN_KEY, Tracing
+from ..web.errors import HTTPError
+from ..web.http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from ..telemetry.tracing import SPAN_KEY, Tracing
 from .errors import response_status
 
 PROPAGATOR = TraceContextTextMapPropagator()

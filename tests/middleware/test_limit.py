@@ -8,7 +8,7 @@ import pytest
 from conftest import Running, base_settings, call_asgi
 
 from inference.app import build_app
-from inference.middleware.identity import client_ip
+from inference.web.identity import client_ip
 
 BODY = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
 JSON = [("content-type", "application/json")]

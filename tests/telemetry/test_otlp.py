@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from inference.export import rebuild, record
-from inference.otlp import encode_records
+from inference.telemetry.export import rebuild, record
+from inference.telemetry.otlp import encode_records
 
 
 def encode_spans(spans):
@@ -119,7 +119,7 @@ def recorder():
     from opentelemetry.sdk.trace import sampling
 
     from inference import SERVICE_NAME, __version__
-    from inference.telemetry import HeadSampler, Tracing
+    from inference.telemetry.tracing import HeadSampler, Tracing
 
     class Records(SimpleSpanProcessor):
         def add(self, entry):
@@ -151,7 +151,7 @@ def comparable(span):
 def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
     """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
     `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
-    from inference.telemetry import SPAN_KEY, span
+    from inference.telemetry.tracing import SPAN_KEY, span
 
     exporter, tracing = recorder()
     tracer = tracing.tracer
@@ -181,7 +181,7 @@ def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
 def test_a_server_span_is_the_span_the_sdk_would_have_recorded():
     """A sampled request's RecordedSpan: what the SDK's server span would have recorded, the generation span under
     it, the same status rules."""
-    from inference.telemetry import RecordedSpan
+    from inference.telemetry.tracing import RecordedSpan
 
     exporter, tracing = recorder()
     parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
@@ -222,7 +222,7 @@ def test_a_stalled_collector_fills_the_queue_then_spans_are_dropped_counted_and_
 
     from conftest import base_settings
 
-    from inference.telemetry import Metrics, create_tracing
+    from inference.telemetry.tracing import Metrics, create_tracing
 
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
@@ -253,8 +253,8 @@ def test_a_dead_export_process_loses_only_what_it_held_and_is_started_again(monk
 
     from conftest import base_settings
 
-    from inference.export import ExportProcess
-    from inference.telemetry import Metrics, create_tracing
+    from inference.telemetry.export import ExportProcess
+    from inference.telemetry.tracing import Metrics, create_tracing
 
     monkeypatch.setattr(ExportProcess, "RESTART_DELAY", 0.0)
     received = []
@@ -268,7 +268,7 @@ def test_a_dead_export_process_loses_only_what_it_held_and_is_started_again(monk
         first = tracing.processor.process
         first.send_signal(signal.SIGKILL)
         first.wait()
-        with caplog.at_level(logging.WARNING, logger="inference.export"):
+        with caplog.at_level(logging.WARNING, logger="inference.telemetry.export"):
             tracing.tracer.start_span("lost").end()
             tracing.processor.force_flush(10_000)  # finds the process dead: the span is lost, counted; a new one
             assert metrics.registry.get_sample_value("inference_spans_dropped_total") == 1
@@ -294,7 +294,7 @@ def test_while_a_dead_export_process_waits_to_be_restarted_spans_are_counted_and
 
     from conftest import base_settings
 
-    from inference.telemetry import Metrics, create_tracing
+    from inference.telemetry.tracing import Metrics, create_tracing
 
     metrics = Metrics()
     tracing = create_tracing(base_settings(otel_exporter_otlp_endpoint="http://127.0.0.1:9"), metrics)
@@ -321,8 +321,8 @@ def test_an_export_process_that_stops_reading_never_blocks_the_service(monkeypat
 
     from conftest import base_settings
 
-    from inference.export import ExportProcess
-    from inference.telemetry import Metrics, create_tracing
+    from inference.telemetry.export import ExportProcess
+    from inference.telemetry.tracing import Metrics, create_tracing
 
     monkeypatch.setattr(ExportProcess, "MAX_UNSENT", 256 * 1024)
     received = []
@@ -335,7 +335,7 @@ def test_an_export_process_that_stops_reading_never_blocks_the_service(monkeypat
         assert tracing.processor.force_flush(10_000)
         process.send_signal(signal.SIGSTOP)
         total, slowest = 20_000, 0.0
-        with caplog.at_level(logging.WARNING, logger="inference.export"):
+        with caplog.at_level(logging.WARNING, logger="inference.telemetry.export"):
             for i in range(total):
                 started = time.perf_counter()
                 tracing.tracer.start_span("span", attributes={"i": i, "padding": "x" * 100}).end()
@@ -386,7 +386,7 @@ def test_the_wire_encoder_gives_the_sdks_bytes_from_the_records():
     has one."""
     import marshal
 
-    from inference.otlp import encode_records
+    from inference.telemetry.otlp import encode_records
 
     spans = recorded_spans()
     entries = marshal.loads(marshal.dumps([record(s) for s in spans]))

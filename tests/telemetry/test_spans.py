@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from inference import SERVICE_NAME, __version__
-from inference.telemetry import HeadSampler, RecordedSpan, Tracing
+from inference.telemetry.tracing import HeadSampler, RecordedSpan, Tracing
 
 BUILT_IN = {
     "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,

@@ -188,7 +188,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
     config = conn.recv()
-    from ...logs import configure_stream
+    from ...telemetry.logs import configure_stream
 
     configure_stream(config["log_level"], config["log_format"])  # the service's own format, JSON included
     try:

@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from .config import Settings
+from ..config import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

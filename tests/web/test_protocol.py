@@ -12,7 +12,7 @@ import pytest
 from conftest import base_settings, free_port
 
 from inference.app import build_app
-from inference.protocol import guarded_protocol
+from inference.web.protocol import guarded_protocol
 
 MAX_CONNECTIONS = 4
 HEAD_TIMEOUT = 0.5

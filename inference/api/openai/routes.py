@@ -11,10 +11,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from opentelemetry import trace
 
-from ..config import Settings
-from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams, TokenLogprob
-from ..errors import HTTPError
-from ..http import (
+from ...config import Settings
+from ...engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams, TokenLogprob
+from ...web.errors import HTTPError
+from ...web.http import (
     SSE_DONE,
     ClientDisconnected,
     Request,
@@ -25,10 +25,10 @@ from ..http import (
     json_response,
     sse,
 )
-from ..middleware.cache import labelled_errors
-from ..middleware.identity import client_id
-from ..middleware.metrics import PROMPT_KEY, USER_KEY
-from ..openai_schemas import (
+from ...serving.cache import labelled_errors
+from ...web.identity import client_id
+from ...middleware.metrics import PROMPT_KEY, USER_KEY
+from .schemas import (
     ChatCompletion,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -44,11 +44,11 @@ from ..openai_schemas import (
     SamplingFields,
     refused_values,
 )
-from ..router import Route
-from ..service import Service, complete_all, http_error_of
-from ..structured import StructuredOutput, parse_response_format
-from ..tools import ToolPlan, new_call_id, plan_tools, render_history
-from ..validation import from_json, plain
+from ...web.router import Route
+from ...serving.service import Service, complete_all, http_error_of
+from ...serving.structured import StructuredOutput, parse_response_format
+from ...serving.tools import ToolPlan, new_call_id, plan_tools, render_history
+from ...web.validation import from_json, plain
 
 OWNED_BY = "inference"
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's

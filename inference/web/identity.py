@@ -10,7 +10,7 @@ import ipaddress
 from typing import Sequence
 
 from ..config import IPNetwork
-from ..http import Scope
+from .http import Scope
 
 FORWARDED_FOR = b"x-forwarded-for"
 CLIENT_KEY = "client_id"  # scope key: set by the auth/limit middleware, read by everything after them

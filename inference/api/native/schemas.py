@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .openai_schemas import ChatCompletionMessage
-from .validation import spec
+from ..openai.schemas import ChatCompletionMessage
+from ...web.validation import spec
 
 
 @dataclass(frozen=True)

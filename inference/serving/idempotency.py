@@ -21,11 +21,11 @@ import time
 from typing import Any, Awaitable, Callable
 
 from ..config import Settings
-from ..errors import HTTPError
-from ..http import Request, Response
+from ..web.errors import HTTPError
+from ..web.http import Request, Response
 from ..store.base import Store, StoreUnavailable
 from .cache import fingerprint, recorded, replay
-from .identity import client_id
+from ..web.identity import client_id
 
 HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"

@@ -114,7 +114,7 @@ def test_every_request_field_is_used_forwarded_or_refused():
 
     from conftest import ROOT
 
-    from inference.openai_schemas import (
+    from inference.api.openai.schemas import (
         FIELDS,
         ChatCompletionMessage,
         ChatCompletionRequest,
@@ -164,9 +164,9 @@ def test_message_fields_that_cannot_be_honoured_are_refused_by_name(openai_clien
 
 
 def test_a_participant_name_and_a_tool_result_in_parts_reach_the_prompt(live, model_id):
-    from inference.endpoints.openai_api import chat_messages, message_fates
-    from inference.openai_schemas import ChatCompletionRequest
-    from inference.validation import from_json
+    from inference.api.openai.routes import chat_messages, message_fates
+    from inference.api.openai.schemas import ChatCompletionRequest
+    from inference.web.validation import from_json
 
     raw = {"model": model_id, "messages": [
         {"role": "user", "content": "What is the weather?", "name": "ann"},

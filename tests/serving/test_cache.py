@@ -75,7 +75,7 @@ def test_every_parameter_is_part_of_the_key(engine, cache_settings, path, base, 
 
 
 def test_a_new_model_revision_never_serves_old_entries(engine, cache_settings):
-    from inference.middleware.cache import ResponseCache
+    from inference.serving.cache import ResponseCache
     from inference.store.memory import MemoryStore
 
     cache = ResponseCache(MemoryStore(), cache_settings())
@@ -145,7 +145,7 @@ def test_a_cached_stream_is_replayed_as_the_same_chunks(engine, cache_settings, 
 
 
 def test_a_stream_cut_short_is_not_stored(engine, cache_settings):
-    from inference.http import ClientDisconnected  # noqa: F401 (the app raises it internally)
+    from inference.web.http import ClientDisconnected  # noqa: F401 (the app raises it internally)
 
     body = json.dumps({"prompt": "Write a long story about the moon.", "max_tokens": 200, "stream": True}).encode()
 

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HTTPError
+from ..web.errors import HTTPError
 from .structured import StructuredOutput, parse_response_format
 
 

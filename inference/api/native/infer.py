@@ -6,17 +6,17 @@ import json
 from dataclasses import asdict
 from typing import AsyncIterator
 
-from ..engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
-from ..errors import HTTPError
-from ..http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
-from ..middleware.cache import labelled_errors
-from ..middleware.identity import client_id
-from ..middleware.metrics import PROMPT_KEY
-from ..router import Route
-from ..schemas import InferRequest, InferResponse
-from ..structured import StructuredOutput, parse_response_format
-from ..service import Service, complete, http_error_of
-from ..validation import from_json, plain
+from ...engine.base import ChatMessage, EngineError, Generation, GenerationRequest, SamplingParams
+from ...web.errors import HTTPError
+from ...web.http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
+from ...serving.cache import labelled_errors
+from ...web.identity import client_id
+from ...middleware.metrics import PROMPT_KEY
+from ...web.router import Route
+from .schemas import InferRequest, InferResponse
+from ...serving.structured import StructuredOutput, parse_response_format
+from ...serving.service import Service, complete, http_error_of
+from ...web.validation import from_json, plain
 
 
 def routes(service: Service) -> list[Route]:

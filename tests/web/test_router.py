@@ -3,9 +3,9 @@ import asyncio
 import pytest
 from conftest import call_asgi
 
-from inference.http import Request, Response, json_response
+from inference.web.http import Request, Response, json_response
 from inference.middleware.errors import errors
-from inference.router import Route, Router, compile_template
+from inference.web.router import Route, Router, compile_template
 
 
 async def hello(request: Request) -> Response:

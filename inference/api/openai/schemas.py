@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from .validation import spec
+from ...web.validation import spec
 
 
 @dataclass(frozen=True)

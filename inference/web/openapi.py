@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import SERVICE_NAME, __version__
+from .. import SERVICE_NAME, __version__
 from .router import PARAM, Route
-from .openai_schemas import OpenAIError
-from .schemas import ErrorResponse
+from ..api.openai.schemas import OpenAIError
+from ..api.native.schemas import ErrorResponse
 from .validation import json_schema
 
 ERROR_DESCRIPTIONS = {

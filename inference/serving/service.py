@@ -12,8 +12,8 @@ from typing import Any, Awaitable, Callable
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from .config import Settings
-from .engine.base import (
+from ..config import Settings
+from ..engine.base import (
     ContextLengthExceeded,
     Engine,
     EngineError,
@@ -28,14 +28,14 @@ from .engine.base import (
     RequestTimeout,
     UpstreamError,
 )
-from .errors import HTTPError
-from .http import Receive, Request, Response, Scope
-from .middleware.cache import ResponseCache
-from .middleware.idempotency import Idempotency
-from .middleware.limit import refusal, store_unavailable
-from .middleware.metrics import USAGE_KEY
-from .store.base import Policy, Store, StoreUnavailable
-from .telemetry import Metrics, Tracing, exemplar
+from ..web.errors import HTTPError
+from ..web.http import Receive, Request, Response, Scope
+from .cache import ResponseCache
+from .idempotency import Idempotency
+from ..middleware.limit import refusal, store_unavailable
+from ..middleware.metrics import USAGE_KEY
+from ..store.base import Policy, Store, StoreUnavailable
+from ..telemetry.tracing import Metrics, Tracing, exemplar
 
 log = logging.getLogger("inference")
 

@@ -17,10 +17,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from . import SERVICE_NAME, __version__
-from .config import Settings
+from .. import SERVICE_NAME, __version__
+from ..config import Settings
 from .export import span_record
-from .http import Scope
+from ..web.http import Scope
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from opentelemetry import trace
 
 from ..config import Settings
-from ..errors import HTTPError
-from ..http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
+from ..web.errors import HTTPError
+from ..web.http import JSON_TYPE, Request, Response, StreamingResponse, StreamOutcome
 from ..store.base import Store, StoreUnavailable
-from ..telemetry import Metrics, Tracing, span
+from ..telemetry.tracing import Metrics, Tracing, span
 
 
 def fingerprint(material: dict[str, Any]) -> str:

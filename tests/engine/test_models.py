@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from inference.models import DEFAULT_MODEL, ModelUnavailable, pull
+from inference.engine.llama.models import DEFAULT_MODEL, ModelUnavailable, pull
 
 
 def offline_env(cache_dir):

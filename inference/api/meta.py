@@ -12,12 +12,12 @@ import prometheus_client
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from .. import SERVICE_NAME, __version__
-from ..errors import HTTPError
-from ..openapi import openapi_document
-from ..http import Request, Response, dump_json, json_response
-from ..router import Route
-from ..schemas import HealthResponse, ModelResponse, ReadyResponse, ServiceResponse
-from ..service import Service
+from ..web.errors import HTTPError
+from ..web.openapi import openapi_document
+from ..web.http import Request, Response, dump_json, json_response
+from ..web.router import Route
+from .native.schemas import HealthResponse, ModelResponse, ReadyResponse, ServiceResponse
+from ..serving.service import Service
 
 HEALTHY = dump_json({"status": "healthy"})
 # Only these Swagger UI files are served; anything else under /docs/ is a 404.

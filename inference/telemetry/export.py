@@ -7,7 +7,7 @@ event loop ~20-40 us more than without it: the service answered half as many req
 
 Here the service's process only turns each finished span into a tuple of plain values and, 64 at a time (or
 every 100 ms), writes them with `marshal` to a pipe, without ever blocking. The export process (`python -m
-inference.export`, started with the service, ignoring SIGINT and SIGTERM, ending when the pipe closes) rebuilds
+inference.telemetry.export`, started with the service, ignoring SIGINT and SIGTERM, ending when the pipe closes) rebuilds
 the spans and hands them to the SDK's BatchSpanProcessor and OTLP exporter as before: OTEL_BSP_*,
 OTEL_EXPORTER_OTLP_* (headers, timeouts, certificates, compression) and OTEL_RESOURCE_ATTRIBUTES apply there
 unchanged. Spans dropped on either side (the pipe's buffer full, the export queue full, the process gone) are
@@ -274,7 +274,7 @@ class ExportProcess(SpanProcessor):
             self._close(self.process)
         self.started = time.monotonic()
         self.process = process = subprocess.Popen(
-            [sys.executable, "-m", "inference.export", json.dumps(self.config)],
+            [sys.executable, "-m", "inference.telemetry.export", json.dumps(self.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         fd = process.stdin.fileno()  # type: ignore[union-attr]
         os.set_blocking(fd, False)

@@ -7,13 +7,13 @@ import asyncio
 
 from ..config import Settings
 from ..engine.base import EngineError, Tokenizer
-from ..errors import HTTPError
-from ..http import Request, Response, json_response
-from ..router import Route
-from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from ..service import Service, http_error_of
-from ..validation import from_json
-from .openai_api import chat_messages, message_fates
+from ..web.errors import HTTPError
+from ..web.http import Request, Response, json_response
+from ..web.router import Route
+from .native.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from ..serving.service import Service, http_error_of
+from ..web.validation import from_json
+from .openai.routes import chat_messages, message_fates
 
 
 def routes(service: Service) -> list[Route]:

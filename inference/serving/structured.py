@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HTTPError
+from ..web.errors import HTTPError
 
 FIELD = "response_format"
 # Keywords the grammar enforces.

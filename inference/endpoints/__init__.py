@@ -1,1 +1,0 @@
-"""HTTP handlers, grouped by API surface; each module exposes `routes(...) -> list[Route]`."""
