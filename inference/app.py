@@ -16,7 +16,7 @@ from .middleware.limit import limit
 from .middleware.metrics import metrics as observe_metrics
 from .middleware.tracing import tracing as tracing_middleware
 from .web.router import Route, Router
-from .serving.service import Service
+from .serving.lifecycle import Service
 from .store.base import Store
 from .store.memory import MemoryStore
 from .telemetry.tracing import Metrics, create_tracing

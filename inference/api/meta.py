@@ -17,7 +17,7 @@ from ..web.openapi import openapi_document
 from ..web.http import Request, Response, dump_json, json_response
 from ..web.router import Route
 from .native.schemas import HealthResponse, ModelResponse, ReadyResponse, ServiceResponse
-from ..serving.service import Service
+from ..serving.lifecycle import Service
 
 HEALTHY = dump_json({"status": "healthy"})
 # Only these Swagger UI files are served; anything else under /docs/ is a 404.

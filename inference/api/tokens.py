@@ -11,7 +11,7 @@ from ..web.errors import HTTPError
 from ..web.http import Request, Response, json_response
 from ..web.router import Route
 from .native.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from ..serving.service import Service, http_error_of
+from ..serving.lifecycle import Service, http_error_of
 from ..web.validation import from_json
 from .openai.routes import chat_messages, message_fates
 

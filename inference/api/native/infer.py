@@ -15,7 +15,7 @@ from ...middleware.metrics import PROMPT_KEY
 from ...web.router import Route
 from .schemas import InferRequest, InferResponse
 from ...serving.structured import StructuredOutput, parse_response_format
-from ...serving.service import Service, complete, http_error_of
+from ...serving.lifecycle import Service, complete, http_error_of
 from ...web.validation import from_json, plain
 
 

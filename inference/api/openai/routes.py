@@ -45,7 +45,7 @@ from .schemas import (
     refused_values,
 )
 from ...web.router import Route
-from ...serving.service import Service, complete_all, http_error_of
+from ...serving.lifecycle import Service, complete_all, http_error_of
 from ...serving.structured import StructuredOutput, parse_response_format
 from ...serving.tools import ToolPlan, new_call_id, plan_tools, render_history
 from ...web.validation import from_json, plain
