@@ -126,13 +126,13 @@ def serve(settings: Settings) -> int:
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.draining or self.should_exit or not settings.drain_delay_seconds:
                 if not self.draining:
-                    app.service.drain()
+                    app.service.lifecycle.drain()
                 self.draining = True
                 super().handle_exit(sig, frame)
                 return
             self.draining = True
             self._captured_signals.append(sig)  # uvicorn re-raises it once shut down: the exit status tells
-            app.service.drain()
+            app.service.lifecycle.drain()
             timer = threading.Timer(settings.drain_delay_seconds, self._stop_accepting)
             timer.daemon = True
             timer.start()

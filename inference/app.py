@@ -1,58 +1,32 @@
-"""build_app: the whole service assembled in one place, middleware order included."""
+"""build_app: the whole service assembled in one place, bottom-up (store, engine, telemetry, the serving parts, the
+routes, the middleware), middleware order included. Nothing below builds its own collaborators."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from .config import Settings
 from .api import meta, tokens
 from .api.native import infer
 from .api.openai import routes as openai_api
+from .config import Settings
+from .engine import create_engine
 from .engine.base import Engine
-from .web.http import ASGIApp, Receive, Scope, Send
 from .middleware.auth import auth
 from .middleware.errors import errors
 from .middleware.limit import limit
 from .middleware.metrics import metrics as observe_metrics
 from .middleware.tracing import tracing as tracing_middleware
-from .web.router import Route, Router
-from .serving.lifecycle import Service
+from .serving.cache import ResponseCache
+from .serving.generation import Generator
+from .serving.idempotency import Idempotency
+from .serving.lifecycle import Lifecycle
+from .serving.limits import TokenBudget
+from .serving.service import Service
+from .store import create_store
 from .store.base import Store
-from .store.memory import MemoryStore
 from .telemetry.tracing import Metrics, create_tracing
-
-
-def create_engine(settings: Settings) -> Engine:
-    """The engine MODEL_BACKEND names; may download the default model (models.pull) first."""
-    if not settings.embedded:
-        from .engine.upstream import UpstreamEngine
-
-        assert settings.upstream_url is not None  # Settings.check guarantees it
-        return UpstreamEngine(
-            settings.upstream_url, api_key=settings.upstream_api_key, model=settings.upstream_model,
-            timeout=settings.upstream_timeout_seconds,
-        )
-    from .engine.llama import LlamaEngine
-    from .engine.llama.models import resolve_model
-
-    path, sha256 = resolve_model(settings.model_path, settings.model_cache_dir)
-    return LlamaEngine(
-        path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, max_queued=settings.max_queued_requests,
-        max_concurrent=settings.max_concurrent_requests, queue_timeout=settings.queue_timeout_seconds, sha256=sha256,
-        extra_buffers=settings.llama_extra_buffers, crash_test=settings.test_only_crash_with_extra_buffers,
-        crash_loop_deaths=settings.engine_crash_loop_deaths, crash_loop_seconds=settings.engine_crash_loop_seconds,
-        log_format=settings.log_format,
-    )
-
-
-def create_store(settings: Settings) -> Store:
-    """Redis when REDIS_URL is set (shared by every replica), otherwise this process's memory."""
-    if settings.redis_url:
-        from .store.redis import RedisStore
-
-        return RedisStore(settings.redis_url, password=settings.redis_auth,
-                          timeout=settings.redis_timeout_ms / 1000)
-    return MemoryStore(settings.cache_max_bytes)
+from .web.http import ASGIApp, Receive, Scope, Send
+from .web.router import Route, Router
 
 
 def build_app(
@@ -64,16 +38,23 @@ def build_app(
     on_ready: Callable[[], None] | None = None,
 ) -> Application:
     """The ASGI app. An `engine` passed in is loaded if needed but not closed: its owner closes it."""
+    owns_engine = engine is None
+    store = store if store is not None else create_store(settings)
+    engine = engine if engine is not None else create_engine(settings)
     metrics = Metrics()
     tracing = create_tracing(settings, metrics)
+    lifecycle = Lifecycle(settings, engine, store, metrics=metrics, tracing=tracing, owns_engine=owns_engine,
+                          on_fatal=on_fatal, on_ready=on_ready)
+    generator = Generator(settings, engine, budget=TokenBudget(store, settings), metrics=metrics,
+                          tracer=tracing.tracer, model=lifecycle.model)
     service = Service(
-        settings, engine if engine is not None else create_engine(settings),
-        store if store is not None else create_store(settings),
-        metrics=metrics, tracing=tracing, owns_engine=engine is None, on_fatal=on_fatal, on_ready=on_ready,
+        settings, engine, store, lifecycle, generator,
+        cache=ResponseCache(store, settings, metrics=metrics, tracing=tracing),
+        idempotency=Idempotency(store, settings), metrics=metrics, tracing=tracing,
     )
     metrics.watch(
-        queue_depth=lambda: service.engine.queue_depth,
-        redis_up=(lambda: float(service.store.state == "up")) if settings.redis_url else None,
+        queue_depth=lambda: engine.queue_depth,
+        redis_up=(lambda: float(store.state == "up")) if settings.redis_url else None,
     )
     routes: list[Route] = []
     routes += meta.routes(service, routes)
@@ -86,11 +67,11 @@ def build_app(
     router = Router(routes)
     app: ASGIApp = router
     if settings.rate_limit_enabled:
-        app = limit(app, store=service.store, settings=settings, paths=limited, tracing=tracing)
+        app = limit(app, store=store, settings=settings, paths=limited, tracing=tracing)
     app = auth(app, keys=settings.all_api_keys)
     app = observe_metrics(app, metrics=metrics, settings=settings, route_of=router.template_for)
     app = tracing_middleware(app, traces=tracing)
-    app = errors(app, on_error=lambda code: metrics.errors.labels(code).inc())
+    app = errors(app, dialect_of=router.dialect_for, on_error=lambda code: metrics.errors.labels(code).inc())
     return Application(app, service)
 
 
@@ -109,9 +90,9 @@ class Application:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.service.start()
+                self.service.lifecycle.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.service.stop()
+                await self.service.lifecycle.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

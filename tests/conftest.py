@@ -206,7 +206,7 @@ class InProcessServer:
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while not (self.server.started and self.app.service.ready):
+        while not (self.server.started and self.app.service.lifecycle.ready):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("in-process server did not become ready")
             time.sleep(0.01)  # another thread's state: nothing to await from here
@@ -320,13 +320,13 @@ class Running:
         self.app = app
 
     async def __aenter__(self) -> Any:
-        self.app.service.start()
-        while not self.app.service.ready:
+        self.app.service.lifecycle.start()
+        while not self.app.service.lifecycle.ready:
             await asyncio.sleep(0)  # the engine is loaded already: ready is a task step or two away
         return self.app
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.app.service.stop()
+        await self.app.service.lifecycle.stop()
 
 
 class OTLPReceiver:

@@ -17,7 +17,7 @@ from ..web.openapi import openapi_document
 from ..web.http import Request, Response, dump_json, json_response
 from ..web.router import Route
 from .native.schemas import HealthResponse, ModelResponse, ReadyResponse, ServiceResponse
-from ..serving.lifecycle import Service
+from ..serving.service import Service
 
 HEALTHY = dump_json({"status": "healthy"})
 # Only these Swagger UI files are served; anything else under /docs/ is a 404.
@@ -43,7 +43,7 @@ def _asset(name: str) -> bytes:
 
 def routes(service: Service, documented: list[Route]) -> list[Route]:
     """`documented` is the app's full route list, read when /openapi.json is first asked for."""
-    settings = service.settings
+    settings, lifecycle = service.settings, service.lifecycle
     docs_page = DOCS_PAGE.format(title=SERVICE_NAME).encode()
     links = {"health": "/health", "ready": "/ready", "model": "/api/v1/model", "infer": "/api/v1/infer",
              "metrics": "/metrics", "openai": "/v1"}
@@ -65,7 +65,7 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
         if store == "down":
             await service.store.ping()  # at most one probe a second (the store's own back-off)
             store = service.store.state
-        status, reason = service.readiness
+        status, reason = lifecycle.readiness
         if status == "ready":
             return json_response({"status": "ready", "store": store})
         body = asdict(ReadyResponse(status=status, reason=reason, store=store))
@@ -73,11 +73,11 @@ def routes(service: Service, documented: list[Route]) -> list[Route]:
 
     async def model(request: Request) -> Response:
         if not service.engine.loaded:
-            raise HTTPError(503, "model_not_ready", service.reason or "the model is not loaded",
+            raise HTTPError(503, "model_not_ready", lifecycle.reason or "the model is not loaded",
                             headers={"Retry-After": "5"})
         info = service.engine.info
         return json_response(asdict(ModelResponse(
-            model_name=info.name, model_version=info.revision, status="ready" if service.ready else service.state,
+            model_name=info.name, model_version=info.revision, status="ready" if lifecycle.ready else lifecycle.state,
             description=info.description, backend=info.backend, context_length=info.context_length,
             quantization=info.quantization, parameters=info.parameters, sha256=info.sha256, details=info.extra,
         )))

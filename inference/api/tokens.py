@@ -4,16 +4,62 @@ clients can budget a context before they send a request. Behind API keys; not ra
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import Settings
 from ..engine.base import EngineError, Tokenizer
+from ..serving.generation import http_error_of
+from ..serving.service import Service
 from ..web.errors import HTTPError
 from ..web.http import Request, Response, json_response
 from ..web.router import Route
-from .native.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from ..serving.lifecycle import Service, http_error_of
-from ..web.validation import from_json
-from .openai.routes import chat_messages, message_fates
+from ..web.validation import from_json, spec
+from .openai.schemas import ChatCompletionMessage
+from .openai.translate import chat_messages, message_fates
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """Text to count in the model's own tokens: `content` (llama.cpp's server), else `prompt`, else `messages`
+    (vLLM's; rendered with the chat template as /v1/chat/completions would); none of them: no tokens."""
+
+    content: str | None = None
+    prompt: str | None = None
+    messages: list[ChatCompletionMessage] | None = field(default=None, metadata=spec(min_items=1))
+    model: str | None = field(default=None, metadata=spec(description="Accepted for vLLM's clients; not checked."))
+    add_special: bool | None = field(default=None, metadata=spec(
+        description="Add the beginning-of-sequence token (default: false for content, true for prompt)."))
+    add_special_tokens: bool | None = field(default=None, metadata=spec(description="vLLM's name for add_special."))
+    add_generation_prompt: bool = field(default=True, metadata=spec(
+        description="messages: end with the assistant's cue, as a chat completion's prompt does."))
+    with_pieces: bool = field(default=False, metadata=spec(description="Answer each token with its text piece."))
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    id: int
+    piece: str
+
+
+@dataclass(frozen=True)
+class TokenizeResponse:
+    # ids, or with `with_pieces` {"id", "piece"} objects (TokenPiece), as llama.cpp's server answers
+    tokens: list[Any] = field(metadata=spec(description="token ids; with with_pieces, {id, piece} objects"))
+    count: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    tokens: list[int] = field(metadata=spec(max_items=1_000_000))
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class DetokenizeResponse:
+    content: str
+    prompt: str
 
 
 def routes(service: Service) -> list[Route]:

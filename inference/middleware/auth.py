@@ -7,7 +7,7 @@ import hmac
 
 from ..web.errors import HTTPError
 from ..web.http import ASGIApp, Receive, Scope, Send
-from ..web.identity import CLIENT_KEY
+from ..web.state import state
 
 AUTHORIZATION = b"authorization"
 PROTECTED_PREFIXES = ("/v1/", "/api/v1/", "/tokenize", "/detokenize")
@@ -43,7 +43,7 @@ def auth(app: ASGIApp, *, keys: tuple[str, ...]) -> ASGIApp:
         if not matched:
             raise HTTPError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         # Keys never reach Redis or logs: the identity is a digest.
-        scope[CLIENT_KEY] = "key:" + hashlib.sha256(candidate).hexdigest()[:16]
+        state(scope).client = "key:" + hashlib.sha256(candidate).hexdigest()[:16]
         await app(scope, receive, send)
 
     return asgi

@@ -7,13 +7,14 @@ import re
 import uuid
 from typing import Callable
 
+from ..web.dialect import NATIVE, Dialect
 from ..web.errors import HTTPError
-from ..web.http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, error_response
+from ..web.http import HEADER_REQUEST_ID, ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
+from ..web.state import state
 
 log = logging.getLogger("inference.errors")
 
 REQUEST_ID_BYTES = HEADER_REQUEST_ID.encode()
-OPENAI_PREFIX = "/v1/"
 # Limits on what arrives before the body (uvicorn itself bounds none of them): more is refused before any handler.
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16 * 1024  # names and values together
@@ -29,11 +30,6 @@ def request_id_of(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def response_status(error: HTTPError, scope: Scope) -> int:
-    """The status `error` is answered with on this request's path (the OpenAI API says 400 for 422)."""
-    return error.openai_status if scope["path"].startswith(OPENAI_PREFIX) else error.status
-
-
 def _oversized(scope: Scope) -> HTTPError | None:
     headers = scope["headers"]
     if len(headers) > MAX_HEADERS:
@@ -46,16 +42,23 @@ def _oversized(scope: Scope) -> HTTPError | None:
     return None
 
 
-def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> ASGIApp:
-    """Render HTTPError as its JSON body, any other exception as a logged 500; add X-Request-ID everywhere."""
+def errors(
+    app: ASGIApp,
+    *,
+    dialect_of: Callable[[str], Dialect] = lambda path: NATIVE,
+    on_error: Callable[[str], None] | None = None,
+) -> ASGIApp:
+    """Render HTTPError as its JSON body, any other exception as a logged 500, both in the dialect of the request's
+    route (`dialect_of(path)`, the router's); add X-Request-ID everywhere."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
         request_id = request_id_of(scope)
-        scope["request_id"] = request_id
-        openai = scope["path"].startswith(OPENAI_PREFIX)
+        request = state(scope)
+        dialect = dialect_of(scope["path"])
+        request.request_id, request.dialect = request_id, dialect
         header = (REQUEST_ID_BYTES, request_id.encode())
         started = False
         oversized = _oversized(scope)
@@ -79,7 +82,7 @@ def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> AS
             if started:
                 log.warning("error after the response started (request %s): %s", request_id, exc)
                 return
-            await error_response(exc, request_id, openai=openai)(scope, receive, send_with_id)
+            await dialect.response(exc, request_id)(scope, receive, send_with_id)
         except Exception:
             if on_error is not None:
                 on_error("internal_error")
@@ -88,6 +91,6 @@ def errors(app: ASGIApp, *, on_error: Callable[[str], None] | None = None) -> AS
                 error = HTTPError(
                     500, "internal_error", f"the server failed to handle the request; logged as request {request_id}"
                 )
-                await error_response(error, request_id, openai=openai)(scope, receive, send_with_id)
+                await dialect.response(error, request_id)(scope, receive, send_with_id)
 
     return asgi

@@ -13,19 +13,15 @@ import time
 from typing import Any, Callable
 
 from ..config import Settings
-from ..web.errors import HTTPError
-from ..web.http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry.tracing import SPAN_KEY, Metrics, exemplar, trace_id
-from .errors import response_status
-from ..web.identity import CLIENT_KEY
+from ..telemetry.tracing import Metrics, exemplar, trace_id
+from ..web.dialect import FinalStatus
+from ..web.http import ASGIApp, Receive, Scope, Send
+from ..web.state import state
 
 log = logging.getLogger("inference.access")
 
 UNMATCHED = "unmatched"
 CACHE_HEADER = b"x-cache"
-USAGE_KEY = "usage"  # scope key: {"prompt_tokens", "completion_tokens"} set when a generation ends
-PROMPT_KEY = "prompt"  # scope key: the prompt text, set by handlers only when LOG_PROMPTS=true
-USER_KEY = "openai.user"  # scope key: the OpenAI request's `user` (the caller's id for its end user)
 
 
 def metrics(
@@ -59,63 +55,61 @@ def metrics(
             await app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-        cache = None
-
-        async def send_watching(message: Message) -> None:
-            nonlocal status, cache
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name == CACHE_HEADER:
-                        cache = value.decode()
-            await send(message)
-
+        final = FinalStatus()
         metrics.in_flight.inc()
         try:
-            await app(scope, receive, send_watching)
-        except HTTPError as exc:
-            status = response_status(exc, scope)
-            cache = exc.headers.get("x-cache", cache)
-            raise
-        except ClientDisconnected:
-            status = 499  # nginx's "client closed request": nothing was answered
+            await app(scope, receive, final.watch(send))
+        except Exception as exc:
+            final.failed(exc, scope)
             raise
         finally:
             metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            route = scope.get("route") or route_of(scope["path"]) or UNMATCHED
-            method = scope["method"]
+            request = state(scope)
+            route = request.route or route_of(scope["path"]) or UNMATCHED
+            method, status = scope["method"], final.status
             count(method, route, status).inc()
-            span = scope.get(SPAN_KEY)
+            span = request.span
             timer(method, route).observe(elapsed, None if span is None else exemplar(span))
             if status == 429:
                 metrics.rate_limited.inc()
             if log.isEnabledFor(logging.INFO):
-                _log(scope, method, route, status, elapsed, cache, as_json)
+                _log(scope, method, route, status, elapsed, _cache(final), as_json)
 
     return asgi
 
 
+def _cache(final: FinalStatus) -> str | None:
+    """The X-Cache verdict: the sent header's, else the refusing error's (a 409 from idempotency says why)."""
+    cache = None
+    for name, value in final.headers:
+        if name == CACHE_HEADER:
+            cache = value.decode()
+    if final.error is not None:
+        cache = final.error.headers.get("x-cache", cache)
+    return cache
+
+
 def _log(scope: Scope, method: str, route: str, status: int, elapsed: float, cache: str | None, as_json: bool) -> None:
-    usage = scope.get(USAGE_KEY) or {}
+    request = state(scope)
+    usage = request.usage or {}
     fields = {
         "method": method,
         "route": route,
         "path": scope["path"],
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
-        "client": scope.get(CLIENT_KEY) or ("ip:" + scope["client"][0] if scope.get("client") else None),
+        "client": request.client or ("ip:" + scope["client"][0] if scope.get("client") else None),
         "cache": cache,
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
-        "request_id": scope.get("request_id"),
-        "trace_id": trace_id(scope.get(SPAN_KEY)),
+        "request_id": request.request_id,
+        "trace_id": trace_id(request.span),
     }
-    if USER_KEY in scope:
-        fields["user"] = scope[USER_KEY]
-    if PROMPT_KEY in scope:
-        fields["prompt"] = scope[PROMPT_KEY]
+    if request.user is not None:
+        fields["user"] = request.user
+    if request.prompt is not None:
+        fields["prompt"] = request.prompt
     if as_json:
         log.info("request", extra={"fields": fields})
         return

@@ -6,10 +6,10 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ..web.errors import HTTPError
-from ..web.http import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send
-from ..telemetry.tracing import SPAN_KEY, Tracing
-from .errors import response_status
+from ..telemetry.tracing import Tracing
+from ..web.dialect import FinalStatus
+from ..web.http import ASGIApp, Receive, Scope, Send
+from ..web.state import state
 
 PROPAGATOR = TraceContextTextMapPropagator()
 CARRIED = {b"traceparent", b"tracestate"}
@@ -38,7 +38,7 @@ def tracing(app: ASGIApp, *, traces: Tracing) -> ASGIApp:
         # An unsampled request's span records nothing, but it is made current all the same: its context carries
         # the trace id and the unsampled flag to the upstream backend and into the log line.
         span = traces.server_span(scope["method"], parent)
-        scope[SPAN_KEY] = span
+        state(scope).span = span
         token = context.attach(trace.set_span_in_context(span))
         try:
             if span.is_recording():
@@ -52,40 +52,29 @@ def tracing(app: ASGIApp, *, traces: Tracing) -> ASGIApp:
 
 
 async def _recorded(app: ASGIApp, span: trace.Span, scope: Scope, receive: Receive, send: Send) -> None:
-    status = 500
-
-    async def send_with_status(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        await send(message)
-
+    final = FinalStatus()
     try:
-        await app(scope, receive, send_with_status)
-    except HTTPError as exc:
-        status = response_status(exc, scope)
-        raise
-    except ClientDisconnected:
-        status = 499
-        raise
+        await app(scope, receive, final.watch(send))
     except Exception as exc:
-        span.record_exception(exc)
+        if final.failed(exc, scope):
+            span.record_exception(exc)
         raise
     finally:
-        _finish(span, scope, status)
+        _finish(span, scope, final.status)
         span.end()
 
 
 def _finish(span: trace.Span, scope: Scope, status: int) -> None:
     """The span's attributes, all at once at the end (one pass through the SDK's attribute checks and lock)."""
     attributes = _request_attributes(scope)
-    route = scope.get("route")
+    request = state(scope)
+    route = request.route
     if route:
         span.update_name(f"{scope['method']} {route}")
         attributes["http.route"] = route
     attributes["http.response.status_code"] = status
-    if "request_id" in scope:
-        attributes["http.request.header.x-request-id"] = (scope["request_id"],)
+    if request.request_id is not None:
+        attributes["http.request.header.x-request-id"] = (request.request_id,)
     span.set_attributes(attributes)
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..web.errors import HTTPError
@@ -48,6 +48,14 @@ class StructuredOutput:
     schema: dict[str, Any]
     schema_json: str  # canonical: the validator cache's key
     grammar: str | None  # None when an upstream enforces the schema instead
+    asked: Any = field(default=None, compare=False)  # the response_format as the request gave it
+
+    def sampling(self) -> dict[str, str | None]:
+        """The SamplingParams fields that carry it: the grammar the embedded engine samples under, else the
+        response_format (as asked) an upstream enforces itself."""
+        if self.grammar is not None:
+            return {"grammar": self.grammar, "response_format": None}
+        return {"grammar": None, "response_format": json.dumps(self.asked)}
 
     def check(self, text: str, finish_reason: str | None) -> None:
         """A finished answer must match the schema (one cut by max_tokens cannot): 502 when it does not."""
@@ -87,7 +95,7 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
         return None
     if kind == "json_object":
         schema_json = json.dumps(ANY_OBJECT)
-        return StructuredOutput(kind, ANY_OBJECT, schema_json, _grammar(schema_json) if enforce else None)
+        return StructuredOutput(kind, ANY_OBJECT, schema_json, _grammar(schema_json) if enforce else None, value)
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise _refuse('"json_schema" must be an object with a "name" and a "schema"')
@@ -106,7 +114,7 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
         grammar = _grammar(json.dumps(_enforced(schema), sort_keys=True)) if enforce else None
     except Exception as exc:  # the converter or the validator cannot make sense of it
         raise _refuse(f'"json_schema.schema" cannot be enforced: {exc}') from None
-    return StructuredOutput(kind, schema, schema_json, grammar)
+    return StructuredOutput(kind, schema, schema_json, grammar, value)
 
 
 def check_schema(schema: Any, path: str) -> None:

@@ -31,112 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+from .record import Drops, Record, record
 
 log = logging.getLogger(__name__)
-
-KINDS = list(SpanKind)
-STATUSES = {code.value: code for code in StatusCode}
-
-# A record: one finished span as plain values (what `marshal` writes), in this order.
-# (name, kind, trace id, span id, trace flags, trace state header, parent span id (0: none), parent is remote,
-#  start, end, attributes, events ((name, time, attributes), ...), links ((trace id, span id, flags, state header,
-#  is remote, attributes), ...), status code, status description, dropped (attributes, events, links),
-#  instrumentation scope (name, version, schema url, attributes))
-Record = tuple
-
-
-def span_record(name: str, kind: int, context: SpanContext, parent: SpanContext | None, start: int, end: int,
-                attributes: Any, events: tuple[Any, ...] | None, status: int, description: str | None,
-                scope: tuple[Any, ...] | None, links: tuple[Any, ...] | None = None,
-                dropped: tuple[int, int, int] | None = None) -> Record:
-    """A record from a span's parts (the service's own spans, telemetry.RecordedSpan, and the SDK's, `record`)."""
-    return (name, kind, context.trace_id, context.span_id, int(context.trace_flags), _state(context.trace_state),
-            parent.span_id if parent is not None else 0, parent is not None and parent.is_remote, start, end,
-            attributes or None, events, links, status, description, dropped, scope)
-
-
-def record(span: ReadableSpan) -> Record:
-    """The record of a span the SDK finished."""
-    scope = span.instrumentation_scope
-    return span_record(
-        span.name, span.kind.value, span.context, span.parent, span.start_time, span.end_time,
-        dict(span.attributes) if span.attributes else None,
-        tuple((e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in span.events) or None,
-        span.status.status_code.value, span.status.description,
-        scope and (scope.name, scope.version, scope.schema_url, dict(scope.attributes) if scope.attributes else None),
-        tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags),
-               _state(link.context.trace_state), link.context.is_remote,
-               dict(link.attributes) if link.attributes else None) for link in span.links) or None,
-        (span.dropped_attributes, span.dropped_events, span.dropped_links),
-    )
-
-
-def _state(state: TraceState | None) -> str:
-    return state.to_header() if state else ""
-
-
-class _Received(ReadableSpan):
-    """A span rebuilt from its record, its dropped counts as they were in the service's process."""
-
-    def __init__(self, *args: Any, dropped: tuple[int, int, int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._dropped = dropped
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self._dropped[0]
-
-    @property
-    def dropped_events(self) -> int:
-        return self._dropped[1]
-
-    @property
-    def dropped_links(self) -> int:
-        return self._dropped[2]
-
-
-_scopes: dict[Any, InstrumentationScope] = {}
-
-
-def rebuild(entry: Record, resource: Any) -> ReadableSpan:
-    """The span a record was made of, with `resource` (the export process's, built from the same settings)."""
-    (name, kind, trace_id, span_id, flags, state, parent_id, parent_remote, start, end, attributes, events, links,
-     status, description, dropped, scope) = entry
-    trace_state = TraceState.from_header([state]) if state else None
-    context = SpanContext(trace_id, span_id, False, TraceFlags(flags), trace_state)
-    parent = SpanContext(trace_id, parent_id, parent_remote, TraceFlags(flags), trace_state) if parent_id else None
-    if scope is not None:
-        key = (scope[0], scope[1], scope[2], tuple(sorted((scope[3] or {}).items())))
-        scope = _scopes.get(key) or _scopes.setdefault(key, InstrumentationScope(*scope))
-    return _Received(
-        name, context, parent, resource, attributes or {},
-        tuple(Event(n, a or {}, t) for n, t, a in events or ()),
-        tuple(Link(SpanContext(t, s, r, TraceFlags(f), TraceState.from_header([h]) if h else None), a or {})
-              for t, s, f, h, r, a in links or ()),
-        KINDS[kind], status=Status(STATUSES[status], description), start_time=start, end_time=end,
-        instrumentation_scope=scope, dropped=dropped or (0, 0, 0))
-
-
-class Drops:
-    """Counts dropped spans in `count` and logs one warning per burst (drops less than GAP seconds apart)."""
-
-    GAP = 10.0
-
-    def __init__(self, count: Callable[[int], None], message: str) -> None:
-        self.count = count
-        self.message = message
-        self.last = -math.inf
-
-    def __call__(self, n: int = 1) -> None:
-        self.count(n)
-        now = time.monotonic()
-        if now - self.last > self.GAP:
-            log.warning(self.message)
-        self.last = now
-
 
 class ExportProcess(SpanProcessor):
     """The service's side: records in, frames (4-byte length, little-endian, then `marshal` of a list of
@@ -151,7 +50,7 @@ class ExportProcess(SpanProcessor):
     def __init__(self, config: dict[str, Any], on_drop: Callable[[int], None]) -> None:
         self.config = config
         self.drop = Drops(on_drop, "span export falling behind: dropping spans (counted in "
-                                   "inference_spans_dropped_total); one warning per burst")
+                                   "inference_spans_dropped_total); one warning per burst", log)
         self.lock = threading.Lock()
         self.pending: list[Record] = []
         self.frames: collections.deque[tuple[memoryview, int]] = collections.deque()  # (unsent bytes, spans)

@@ -27,7 +27,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from .record import Drops
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def http_exporter(endpoint: str, resource: Any) -> Any:
     OTEL_EXPORTER_OTLP_* environment as usual), taking records and encoding them with `encode_records`."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    from .export import rebuild
+    from .record import rebuild
 
     class HttpSpanExporter(OTLPSpanExporter):
         def export(self, records: Sequence[tuple]) -> SpanExportResult:  # type: ignore[override]
@@ -91,11 +93,9 @@ class BoundedSpanProcessor(SpanProcessor):
     """The SDK's BatchSpanProcessor, with the spans it holds counted here: past OTEL_BSP_MAX_QUEUE_SIZE (2048) a
     span is dropped here instead of in the SDK, which would log a warning for every one of them, each costing
     more than the span (a log record, a stack walk) while the exporter is already behind. `on_drop(n)` counts them;
-    one warning is logged per burst (export.Drops)."""
+    one warning is logged per burst (record.Drops)."""
 
     def __init__(self, exporter: SpanExporter, on_drop: Callable[[int], None]) -> None:
-        from .export import Drops
-
         self.capacity = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         # Each count is written by one thread only (spans end on one thread, batches go from the SDK's worker),
@@ -105,7 +105,7 @@ class BoundedSpanProcessor(SpanProcessor):
         self.exported = 0
         self.drop = Drops(on_drop, f"span export queue full (OTEL_BSP_MAX_QUEUE_SIZE={self.capacity}): dropping "
                                    "spans until the exporter catches up, counted in inference_spans_dropped_total; "
-                                   "one warning per burst")
+                                   "one warning per burst", log)
         self.batch = BatchSpanProcessor(_Counting(exporter, self), max_queue_size=self.capacity + batch,
                                         max_export_batch_size=min(batch, self.capacity))
 

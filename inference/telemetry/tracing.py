@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import SERVICE_NAME, __version__
 from ..config import Settings
-from .export import span_record
+from .record import span_record
 from ..web.http import Scope
+from ..web.state import state
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,6 @@ class Metrics:
             self.redis_up.set_function(redis_up)
 
 
-# The request's SERVER span in the ASGI scope, set by the tracing middleware: recording or not (an unsampled
-# request's span still carries its trace id onward). Middleware reads it here instead of from the context.
-SPAN_KEY = "otel.span"
-
-
 class _NoSpan:
     """Stands in for a span when nothing is traced: entering it and setting attributes cost nothing."""
 
@@ -131,7 +127,9 @@ def span(scope: Scope, tracing: "Tracing", name: str, **attributes: Any) -> Any:
     """A child of the request's span for a `with` block (an INTERNAL RecordedSpan, never made current: nothing
     under the request's children starts spans of its own), or NO_SPAN when the request is not recorded (its
     children would not be either: the SDK's samplers decide per trace) or not traced at all."""
-    parent = scope.get(SPAN_KEY)
+    # The request's SERVER span, set by the tracing middleware: recording or not (an unsampled request's span still
+    # carries its trace id onward). Read from the request's state rather than the context.
+    parent = state(scope).span
     if parent is None or tracing.processor is None or not parent.is_recording():
         return NO_SPAN
     context = parent.get_span_context()

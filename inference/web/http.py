@@ -9,6 +9,7 @@ import re
 from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
 
 from .errors import HTTPError
+from .state import state
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +48,7 @@ class Request:
 
     @property
     def path_params(self) -> dict[str, str]:
-        return self.scope.get("path_params", {})
+        return state(self.scope).path_params or {}
 
     @property
     def headers(self) -> dict[str, str]:
@@ -200,16 +201,6 @@ class Response:
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(dump_json(value), status=status, headers=headers)
-
-
-def error_response(error: HTTPError, request_id: str | None = None, *, openai: bool = False) -> Response:
-    """The JSON error response: the native shape, or OpenAI's for the /v1 API."""
-    if openai:
-        return json_response(error.openai_body(), status=error.openai_status, headers=error.headers)
-    body = error.body()
-    if request_id is not None:
-        body["error"]["request_id"] = request_id
-    return json_response(body, status=error.status, headers=error.headers)
 
 
 class StreamOutcome:

@@ -11,9 +11,9 @@ from typing import Sequence
 
 from ..config import IPNetwork
 from .http import Scope
+from .state import state
 
 FORWARDED_FOR = b"x-forwarded-for"
-CLIENT_KEY = "client_id"  # scope key: set by the auth/limit middleware, read by everything after them
 
 
 def _trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
@@ -40,8 +40,8 @@ def client_ip(scope: Scope, proxies: Sequence[IPNetwork]) -> str:
 
 
 def client_id(scope: Scope, proxies: Sequence[IPNetwork]) -> str:
-    """The identity rate limits are counted against (cached in the scope)."""
-    known = scope.get(CLIENT_KEY)
-    if known is None:
-        known = scope[CLIENT_KEY] = "ip:" + client_ip(scope, proxies)
-    return known
+    """The identity rate limits are counted against (kept in the request's state: auth sets it from the key)."""
+    request = state(scope)
+    if request.client is None:
+        request.client = "ip:" + client_ip(scope, proxies)
+    return request.client

@@ -6,8 +6,7 @@ from typing import Any
 
 from .. import SERVICE_NAME, __version__
 from .router import PARAM, Route
-from ..api.openai.schemas import OpenAIError
-from ..api.native.schemas import ErrorResponse
+from .dialect import NATIVE
 from .validation import json_schema
 
 ERROR_DESCRIPTIONS = {
@@ -35,8 +34,8 @@ def openapi_document(
     the only value of the OpenAI requests' `model` field (another one is a 404 `model_not_found`, as OpenAI
     answers); `vocab_size`, which bounds token ids (in `logit_bias` and /detokenize)."""
     components: dict[str, Any] = {}
-    native_error = json_schema(ErrorResponse, components)
-    openai_error = json_schema(OpenAIError, components)
+    error_refs = {dialect: json_schema(dialect.error_schema, components)
+                  for dialect in dict.fromkeys([NATIVE, *(route.dialect for route in routes)])}
     paths: dict[str, Any] = {}
     operations = {f"{r.method} {r.template}": _operation_id(r) for r in routes if r.include_in_schema}
     for route in routes:
@@ -75,7 +74,7 @@ def openapi_document(
             ok["links"] = {name: {"operationId": operations[target], **how}
                            for name, (target, how) in route.links.items() if target in operations}
         responses: dict[str, Any] = {"200": ok}
-        error_ref = openai_error if route.template.startswith("/v1/") else native_error
+        error_ref = error_refs[route.dialect]
         for status in route.errors:
             responses[str(status)] = {
                 "description": ERROR_DESCRIPTIONS[status],
@@ -84,7 +83,7 @@ def openapi_document(
         operation["responses"] = responses
         if route.request_schema is not None:
             _bind_model(components[route.request_schema.__name__]["properties"],
-                        model if route.template.startswith("/v1/") else None, vocab_size)
+                        model if route.dialect.binds_model else None, vocab_size)
         paths.setdefault(route.template.replace(":path}", "}"), {})[route.method.lower()] = operation
     return {
         "openapi": "3.0.3",

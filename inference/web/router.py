@@ -6,8 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+from .dialect import NATIVE, Dialect
 from .errors import HTTPError
 from .http import Receive, Request, Response, Scope, Send
+from .state import state
 
 Handler = Callable[[Request], Awaitable[Response]]
 PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:path)?}")
@@ -30,6 +32,7 @@ class Route:
     streams: bool = False  # answers text/event-stream when the request asks for "stream": true
     media_type: str = "application/json"
     include_in_schema: bool = True
+    dialect: Dialect = NATIVE  # the shape of its error answers
     # OpenAPI links from this route's 200 answer: name -> ("METHOD /template" of the next call, the link's
     # `parameters` or `requestBody` with runtime expressions such as "$response.body#/data/0/id").
     links: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
@@ -49,6 +52,8 @@ class Router:
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
+        # Paths under a dialect's mount that match no route still answer in that dialect (a 404 on /v1/...).
+        self._mounts = {route.dialect.mount: route.dialect for route in routes if route.dialect.mount}
         # Static templates resolve with one dict lookup; only templated ones need a regex scan.
         self._static: dict[str, dict[str, Route]] = {}
         self._dynamic: list[tuple[re.Pattern[str], dict[str, Route]]] = []
@@ -79,6 +84,16 @@ class Router:
         found = self.match(path)
         return next(iter(found[0].values())).template if found else None
 
+    def dialect_for(self, path: str) -> Dialect:
+        """The dialect a request for `path` is answered in: its route's, else that of the mount it is under."""
+        found = self.match(path)
+        if found:
+            return next(iter(found[0].values())).dialect
+        for mount, dialect in self._mounts.items():
+            if path.startswith(mount):
+                return dialect
+        return NATIVE
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.match(scope["path"])
         if found is None:
@@ -92,7 +107,7 @@ class Router:
                 headers={"Allow": allow},
             )
         # Telemetry labels spans and metrics with the template, never the raw path.
-        scope["route"] = route.template
-        scope["path_params"] = params
+        request_state = state(scope)
+        request_state.route, request_state.path_params = route.template, params
         response = await route.handler(Request(scope, receive))
         await response(scope, receive, send)

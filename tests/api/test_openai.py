@@ -164,7 +164,7 @@ def test_message_fields_that_cannot_be_honoured_are_refused_by_name(openai_clien
 
 
 def test_a_participant_name_and_a_tool_result_in_parts_reach_the_prompt(live, model_id):
-    from inference.api.openai.routes import chat_messages, message_fates
+    from inference.api.openai.translate import chat_messages, message_fates
     from inference.api.openai.schemas import ChatCompletionRequest
     from inference.web.validation import from_json
 

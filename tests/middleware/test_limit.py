@@ -141,8 +141,7 @@ def test_token_budget_reserves_max_tokens_and_refunds_the_rest(engine, redis_ser
         async with Running(build_app(settings, engine=engine)) as app:
             first = await call_asgi(app, "POST", "/api/v1/infer", ask(50), JSON)
             await asyncio.sleep(0)  # let the refund task run
-            while app.service._background:
-                await asyncio.gather(*app.service._background)
+            await app.service.generator.budget.settled()
             second = await call_asgi(app, "POST", "/api/v1/infer", ask(40), JSON)
             third = await call_asgi(app, "POST", "/api/v1/infer", ask(50), JSON)
             return first, second, third
@@ -165,8 +164,7 @@ def test_token_budget_counts_every_choice(engine, redis_server, key_prefix):
     async def scenario():
         async with Running(build_app(settings, engine=engine)) as app:
             first = await call_asgi(app, "POST", "/v1/chat/completions", json.dumps(body).encode(), JSON)
-            while app.service._background:
-                await asyncio.gather(*app.service._background)
+            await app.service.generator.budget.settled()
             second = await call_asgi(app, "POST", "/v1/chat/completions",
                                      json.dumps({**body, "n": 1, "max_tokens": 5}).encode(), JSON)
             return first, second

@@ -56,7 +56,7 @@ def test_on_ready_runs_once_the_model_is_served_and_the_server_freezes_the_heap_
     from inference.__main__ import freeze_heap
 
     seen = []
-    app = build_app(base_settings(), engine=engine, on_ready=lambda: seen.append(app.service.state))
+    app = build_app(base_settings(), engine=engine, on_ready=lambda: seen.append(app.service.lifecycle.state))
 
     async def scenario():
         async with Running(app):

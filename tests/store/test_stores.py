@@ -194,7 +194,7 @@ def test_redis_password_comes_from_its_own_setting(key_prefix, tmp_path):
     that carries none; without it the store reports Redis unavailable instead of failing requests."""
     from conftest import RedisServer
 
-    from inference.app import create_store
+    from inference.store import create_store
     from inference.config import Settings
     from inference.store.base import StoreUnavailable
 

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from inference.telemetry.export import rebuild, record
+from inference.telemetry.record import rebuild, record
 from inference.telemetry.otlp import encode_records
 
 
@@ -151,13 +151,14 @@ def comparable(span):
 def test_a_childs_span_is_the_span_the_sdk_would_have_recorded():
     """telemetry.span records children without the SDK's span machinery; what it hands the processor must be what
     `start_as_current_span` would have: same parent, kind, attributes, status and exception event."""
-    from inference.telemetry.tracing import SPAN_KEY, span
+    from inference.telemetry.tracing import span
+    from inference.web.state import RequestState, STATE_KEY
 
     exporter, tracing = recorder()
     tracer = tracing.tracer
     error = ValueError("the store is down")
     with tracer.start_as_current_span("server") as server:
-        scope = {SPAN_KEY: server}
+        scope = {STATE_KEY: RequestState(span=server)}
         for make in (lambda: tracer.start_as_current_span("child", attributes={"a": 1}),
                      lambda: span(scope, tracing, "child", a=1)):
             for fails in (False, True):

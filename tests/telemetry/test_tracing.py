@@ -76,7 +76,7 @@ def test_errors_set_span_status_and_exemplars_link_metrics_to_traces(engine, otl
             bad = await call_asgi(app, "POST", "/api/v1/infer", body, JSON)
             ok = await call_asgi(app, "POST", "/api/v1/infer", b'{"prompt": "Hi", "max_tokens": 2}', JSON)
             scraped = await call_asgi(app, "GET", "/metrics", headers=[("accept", "application/openmetrics-text")])
-            app.service.drain()  # /ready answers 503 from now on: a 5xx, an error span
+            app.service.lifecycle.drain()  # /ready answers 503 from now on: a 5xx, an error span
             await asyncio.sleep(0)
             draining = await call_asgi(app, "GET", "/ready")
         return bad, ok, scraped, draining

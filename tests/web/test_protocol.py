@@ -29,7 +29,7 @@ def guarded(engine):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not (server.started and app.service.ready):
+    while not (server.started and app.service.lifecycle.ready):
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.01)  # another thread's state: nothing to await from here
     yield port

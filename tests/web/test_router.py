@@ -6,10 +6,11 @@ from conftest import call_asgi
 from inference.web.http import Request, Response, json_response
 from inference.middleware.errors import errors
 from inference.web.router import Route, Router, compile_template
+from inference.web.state import state
 
 
 async def hello(request: Request) -> Response:
-    return json_response({"route": request.scope["route"], "params": request.path_params})
+    return json_response({"route": state(request.scope).route, "params": request.path_params})
 
 
 APP = errors(Router([

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import AsyncIterator
 
@@ -11,11 +10,12 @@ from ...web.errors import HTTPError
 from ...web.http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response, sse
 from ...serving.cache import labelled_errors
 from ...web.identity import client_id
-from ...middleware.metrics import PROMPT_KEY
+from ...web.state import state
 from ...web.router import Route
 from .schemas import InferRequest, InferResponse
 from ...serving.structured import StructuredOutput, parse_response_format
-from ...serving.lifecycle import Service, complete, http_error_of
+from ...serving.generation import complete, http_error_of
+from ...serving.service import Service
 from ...web.validation import from_json, plain
 
 
@@ -70,7 +70,7 @@ def routes(service: Service) -> list[Route]:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds), overrides=overrides)
         structured = structured_of(body)  # a schema it cannot enforce is refused before anything else
         if settings.log_prompts:
-            request.scope[PROMPT_KEY] = body.prompt
+            state(request.scope).prompt = body.prompt
         info = service.model()
         material = {"endpoint": "/api/v1/infer", "model": info.name, "revision": info.revision,
                     "system_prompt": settings.system_prompt, "body": plain(body)}
@@ -78,7 +78,6 @@ def routes(service: Service) -> list[Route]:
         return await service.respond(request, material, deterministic, lambda: answer(request, body, structured))
 
     async def answer(request: Request, body: InferRequest, structured: StructuredOutput | None) -> Response:
-        embedded = settings.embedded
         generation = await service.generate(
             GenerationRequest(
                 params=SamplingParams(
@@ -87,9 +86,7 @@ def routes(service: Service) -> list[Route]:
                     top_p=body.top_p,
                     stop=body.stop_sequences(),
                     seed=body.seed,
-                    grammar=structured.grammar if structured is not None else None,
-                    response_format=None if structured is None or embedded else json.dumps(
-                        {"type": "json_schema", "json_schema": {"name": "output", "schema": body.json_schema}}),
+                    **(structured.sampling() if structured is not None else {}),
                 ),
                 messages=(ChatMessage("system", settings.system_prompt), ChatMessage("user", body.prompt)),
                 stream=body.stream,

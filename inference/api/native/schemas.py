@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..openai.schemas import ChatCompletionMessage
 from ...web.validation import spec
 
 
@@ -89,66 +88,3 @@ class ServiceResponse:
     environment: str
     model: str | None
     links: dict[str, str]
-
-
-@dataclass(frozen=True)
-class ErrorDetail:
-    field: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ErrorBody:
-    code: str = field(metadata=spec(description="Stable machine-readable error code."))
-    message: str
-    field: str | None = field(default=None, metadata=spec(description="The first offending request field."))
-    details: list[ErrorDetail] | None = None
-    request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class ErrorResponse:
-    error: ErrorBody
-
-
-@dataclass(frozen=True)
-class TokenizeRequest:
-    """Text to count in the model's own tokens: `content` (llama.cpp's server), else `prompt`, else `messages`
-    (vLLM's; rendered with the chat template as /v1/chat/completions would); none of them: no tokens."""
-
-    content: str | None = None
-    prompt: str | None = None
-    messages: list[ChatCompletionMessage] | None = field(default=None, metadata=spec(min_items=1))
-    model: str | None = field(default=None, metadata=spec(description="Accepted for vLLM's clients; not checked."))
-    add_special: bool | None = field(default=None, metadata=spec(
-        description="Add the beginning-of-sequence token (default: false for content, true for prompt)."))
-    add_special_tokens: bool | None = field(default=None, metadata=spec(description="vLLM's name for add_special."))
-    add_generation_prompt: bool = field(default=True, metadata=spec(
-        description="messages: end with the assistant's cue, as a chat completion's prompt does."))
-    with_pieces: bool = field(default=False, metadata=spec(description="Answer each token with its text piece."))
-
-
-@dataclass(frozen=True)
-class TokenPiece:
-    id: int
-    piece: str
-
-
-@dataclass(frozen=True)
-class TokenizeResponse:
-    # ids, or with `with_pieces` {"id", "piece"} objects (TokenPiece), as llama.cpp's server answers
-    tokens: list[Any] = field(metadata=spec(description="token ids; with with_pieces, {id, piece} objects"))
-    count: int
-    max_model_len: int
-
-
-@dataclass(frozen=True)
-class DetokenizeRequest:
-    tokens: list[int] = field(metadata=spec(max_items=1_000_000))
-    model: str | None = None
-
-
-@dataclass(frozen=True)
-class DetokenizeResponse:
-    content: str
-    prompt: str

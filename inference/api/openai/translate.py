@@ -1,0 +1,219 @@
+"""OpenAI requests into the engine's terms: parse (the field fates, then the schema), then translate into a
+GenerationRequest (messages with the service's system prompt, tool calls planned into a grammar, sampling params,
+the fields an upstream gets as they came)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from opentelemetry import trace
+
+from ...config import Settings
+from ...engine.base import ChatMessage, GenerationRequest, SamplingParams
+from ...serving.structured import StructuredOutput, parse_response_format
+from ...serving.tools import ToolPlan, plan_tools, render_history
+from ...web.errors import HTTPError
+from ...web.http import Request
+from ...web.state import state
+from ...web.validation import from_json
+from .schemas import (
+    FIELDS,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    UNKNOWN,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Fate,
+    SamplingFields,
+)
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's
+ROLES = {"developer": "system"}
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A request in the engine's terms, with what its answer is read back by."""
+
+    generation: GenerationRequest
+    structured: StructuredOutput | None = None  # the schema the answer must match
+    plan: ToolPlan | None = None  # the functions it may call (the embedded engine's tool calls)
+    system: str | None = None  # the system prompt the service added, if it did (part of the cache key)
+
+
+def parse_chat(raw: Any, settings: Settings, overrides: Overrides
+               ) -> tuple[ChatCompletionRequest, dict[str, Any], list[dict[str, Any]]]:
+    """The request, the fields to forward to an upstream, and each message's. Refusals first (they say why); then
+    the embedded engine takes no field it does not know, at any depth."""
+    embedded = settings.embedded
+    forwarded = fields_fate(raw, FIELDS["chat"], embedded)
+    forwarded_by_message = message_fates(raw, embedded)
+    body = from_json(ChatCompletionRequest, raw, overrides=overrides, allow_unknown=not embedded)
+    if len(body.messages) > MAX_MESSAGES:
+        raise HTTPError(422, "validation_error", f"messages: must have at most {MAX_MESSAGES} items", field="messages")
+    return body, forwarded, forwarded_by_message
+
+
+def parse_completion(raw: Any, settings: Settings, overrides: Overrides) -> tuple[CompletionRequest, dict[str, Any]]:
+    forwarded = fields_fate(raw, FIELDS["completion"], settings.embedded)
+    return from_json(CompletionRequest, raw, overrides=overrides, allow_unknown=not settings.embedded), forwarded
+
+
+def translate_chat(raw: Any, body: ChatCompletionRequest, forwarded: dict[str, Any],
+                   forwarded_by_message: list[dict[str, Any]], settings: Settings) -> Translated:
+    embedded = settings.embedded
+    messages, system = chat_messages(body.messages, forwarded_by_message, settings)
+    structured = parse_response_format(body.response_format, enforce=embedded)
+    plan = None
+    if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
+        forwarded.update({key: raw[key] for key in ("tools", "tool_choice") if raw.get(key) is not None})
+    elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True)) is not None:
+        if structured is not None:
+            raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
+                            "arguments already follow the function's schema)", field="response_format")
+        structured = plan.structured
+        messages = _with_instruction(messages, plan.instruction)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise HTTPError(422, "validation_error", "top_logprobs: needs logprobs: true", field="top_logprobs")
+    params = sampling(body, body.max_completion_tokens or body.max_tokens, structured,
+                      (body.top_logprobs or 0) if body.logprobs else None, forwarded, settings)
+    return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream)), structured, plan, system)
+
+
+def translate_completion(body: CompletionRequest, forwarded: dict[str, Any], settings: Settings) -> Translated:
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    structured = parse_response_format(body.response_format, enforce=settings.embedded)
+    params = sampling(body, body.max_tokens or 16, structured, body.logprobs, forwarded, settings)  # OpenAI's: 16
+    return Translated(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)), structured)
+
+
+def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None,
+             logprobs: int | None, forwarded: dict[str, Any], settings: Settings) -> SamplingParams:
+    """The sampling fields both endpoints share; no max_tokens: as many as the context has room for."""
+    params = SamplingParams(
+        logprobs=logprobs,
+        max_tokens=max_tokens or settings.max_tokens_limit,
+        stop=body.stop_sequences(),
+        seed=body.seed,
+        logit_bias=_logit_bias(body.logit_bias),
+        fit_context=max_tokens is None,
+        **(structured.sampling() if structured is not None else {}),
+        **effective(body),
+    )
+    return replace(params, forwarded=json.dumps(forwarded)) if forwarded else params
+
+
+def effective(body: SamplingFields) -> dict[str, float]:
+    """The sampling values a request means, OpenAI's defaults filled in."""
+    return {"temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0,
+            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
+
+
+def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "") -> dict[str, Any]:
+    """Refuse (400 naming it) each field whose fate here is "refused" and whose value asks for something; return
+    the fields to forward to an upstream as they came (openai_schemas.FIELDS)."""
+    forwarded: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        return forwarded
+    for name, value in raw.items():
+        fate = fates.get(name, UNKNOWN)
+        mode = fate.embedded if embedded else fate.gateway
+        if mode == "refused" and fate.asks(value):
+            raise HTTPError(400, "unsupported_parameter", f"{where}{name}: {fate.why}", field=f"{where}{name}")
+        if mode == "forwarded":
+            forwarded[name] = value
+    return forwarded
+
+
+def message_fates(raw: Any, embedded: bool) -> list[dict[str, Any]]:
+    """The fates of the fields of a request's `messages`: a 400 naming one that cannot be honoured, else each
+    message's fields to forward to an upstream."""
+    messages = raw.get("messages") if isinstance(raw, dict) else None
+    return [fields_fate(message, FIELDS["message"], embedded, where=f"messages[{i}].")
+            for i, message in enumerate(messages if isinstance(messages, list) else ())]
+
+
+def note_caller(request: Request, body: SamplingFields) -> None:
+    """Who the end user is (`user`, else `safety_identifier`) into the request log and the server span; a chat's
+    `prompt_cache_key` and `metadata` onto the span."""
+    span = trace.get_current_span()
+    user = body.user or getattr(body, "safety_identifier", None)
+    if user:
+        state(request.scope).user = user[:256]
+        span.set_attribute("user.id", user[:256])
+    if getattr(body, "prompt_cache_key", None):
+        span.set_attribute("inference.prompt_cache_key", body.prompt_cache_key)  # type: ignore[attr-defined]
+    for key, value in (getattr(body, "metadata", None) or {}).items():
+        span.set_attribute(f"inference.metadata.{key}", value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object as (id, bias) pairs; anything else is a 400 naming the field."""
+    if value is None:
+        return ()
+
+    def refuse(why: str) -> HTTPError:
+        return HTTPError(422, "validation_error", f"logit_bias: {why}", field="logit_bias")
+
+    if not isinstance(value, dict):
+        raise refuse("must be an object of token id -> bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise refuse(f"at most {MAX_LOGIT_BIAS} entries")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise refuse(f"keys must be token ids (non-negative integers as strings), not {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise refuse(f"the bias of token {key} must be a number from -100 to 100")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
+
+
+def chat_messages(messages: list[ChatCompletionMessage], forwarded: list[dict[str, Any]],
+                  settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
+    """A request's messages as the engine takes them, and the system prompt the service added (None if none).
+
+    The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
+    one: small models answer far better with it. An upstream's model has its own defaults. `forwarded`: each
+    message's fields for an upstream (message_fates)."""
+    embedded = settings.embedded
+    converted = [_chat_message(message, embedded, fields) for message, fields in zip(messages, forwarded)]
+    if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
+        return (ChatMessage("system", settings.system_prompt), *converted), settings.system_prompt
+    return tuple(converted), None
+
+
+def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dict[str, Any]) -> ChatMessage:
+    text = _text(message)
+    if not embedded:  # as they came: the upstream renders names, tool turns and the rest itself
+        calls = None if message.tool_calls is None else json.dumps(message.tool_calls)
+        return ChatMessage(ROLES.get(message.role, message.role), text, tool_calls=calls,  # type: ignore[arg-type]
+                           tool_call_id=message.tool_call_id, forwarded=json.dumps(forwarded) if forwarded else None)
+    history = render_history({"role": message.role, "tool_calls": message.tool_calls, "content": text,
+                              "tool_call_id": message.tool_call_id})
+    if history is not None:
+        return ChatMessage(*history)  # type: ignore[arg-type]
+    if message.name:
+        text = f"{message.name}: {text}"
+    return ChatMessage(ROLES.get(message.role, message.role), text)  # type: ignore[arg-type]
+
+
+def _text(message: ChatCompletionMessage) -> str:
+    """The message's text: its content (a string or text parts, joined), else an assistant's refusal."""
+    content = message.content
+    if isinstance(content, list):
+        return "".join(part.text for part in content)
+    return content or message.refusal or ""
+
+
+def _with_instruction(messages: tuple[ChatMessage, ...], instruction: str) -> tuple[ChatMessage, ...]:
+    """The tool instruction joins the system message (or becomes one)."""
+    if messages and messages[0].role == "system":
+        return (ChatMessage("system", f"{messages[0].content}\n\n{instruction}"),) + messages[1:]
+    return (ChatMessage("system", instruction),) + messages

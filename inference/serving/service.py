@@ -1,0 +1,60 @@
+"""Service: what the handlers share, assembled by app.build_app: settings, the engine and its lifecycle (readiness),
+the generator, the response cache and idempotency, metrics and tracing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from opentelemetry.trace import Tracer
+
+from ..config import Settings
+from ..engine.base import Engine, Generation, GenerationRequest, ModelInfo
+from ..store.base import Store
+from ..telemetry.tracing import Metrics, Tracing
+from ..web.http import Request, Response, Scope
+from .cache import ResponseCache
+from .generation import Generator
+from .idempotency import Idempotency
+from .lifecycle import Lifecycle
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine
+    store: Store
+    lifecycle: Lifecycle
+    generator: Generator
+    cache: ResponseCache
+    idempotency: Idempotency
+    metrics: Metrics
+    tracing: Tracing
+
+    @property
+    def tracer(self) -> Tracer:
+        return self.tracing.tracer
+
+    @property
+    def model_id(self) -> str:
+        """The model's id on /v1: SERVED_MODEL_NAME, else the engine's name for it (once loaded)."""
+        return self.settings.served_model_name or self.engine.info.name
+
+    def model(self) -> ModelInfo:
+        """The served model, or 503 while it is not ready."""
+        return self.lifecycle.model()
+
+    async def respond(self, request: Request, material: dict[str, Any], deterministic: bool,
+                      produce: Callable[[], Awaitable[Response]]) -> Response:
+        """An inference request's answer: a retry's first answer (Idempotency-Key), else the cache's, else
+        `produce()`'s. `material` is the normalized request (the cache key's and the retry check's)."""
+        return await self.idempotency.serve(
+            request, material, lambda: self.cache.serve(request, material, deterministic, produce))
+
+    async def generate(self, request: GenerationRequest, client: str | None = None,
+                       scope: Scope | None = None) -> Generation:
+        return await self.generator.generate(request, client, scope)
+
+    async def generate_many(self, request: GenerationRequest, n: int, client: str | None = None,
+                            scope: Scope | None = None) -> list[Generation]:
+        return await self.generator.generate_many(request, n, client, scope)

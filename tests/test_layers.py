@@ -1,0 +1,114 @@
+"""The layer rule, read from the modules' own imports: a module imports only from its own layer or the layers
+below it, and no chain of imports comes back to where it started."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "inference"
+# Bottom to top. The entry points and the assembly sit on top; settings and the package's name at the bottom.
+LAYERS = [
+    ("inference", "inference.config"),
+    ("inference.web",),
+    ("inference.telemetry",),
+    ("inference.store",),
+    ("inference.engine",),
+    ("inference.serving",),
+    ("inference.api",),
+    ("inference.middleware",),
+    ("inference.app", "inference.__main__"),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(name: str, path: Path, known: set[str], for_layers: bool = True) -> set[str]:
+    """The package's modules `name` imports, anywhere in its body (function-level imports count too)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    tree = ast.parse(path.read_text())
+    # Imports for type checkers only never run: they make no circle (but they still obey the layer rule below).
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for inner in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only and not for_layers:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from . import x` imports the module x when there is one
+            found.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known)
+    return {target for target in found if target in known}
+
+
+def layer(name: str) -> int:
+    best, rank = -1, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            # the longest matching prefix decides ("inference" alone only claims the package's __init__)
+            matches = name == prefix or (prefix != "inference" and name.startswith(prefix + "."))
+            if matches and len(prefix) > best:
+                best, rank = len(prefix), index
+    assert rank >= 0, f"{name} belongs to no layer: add it to LAYERS"
+    return rank
+
+
+GRAPH = {name: imports(name, path, set(modules())) for name, path in modules().items()}
+RUNTIME = {name: imports(name, path, set(modules()), for_layers=False) for name, path in modules().items()}
+
+
+def test_every_module_belongs_to_a_layer():
+    for name in GRAPH:
+        layer(name)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_a_module_imports_nothing_from_a_layer_above_its_own(name):
+    above = sorted(target for target in GRAPH[name] if layer(target) > layer(name))
+    assert not above, f"{name} (layer {LAYERS[layer(name)][0]}) imports from layers above it: {above}"
+
+
+def test_no_import_circle():
+    # Depth-first search; a module met again while still on the path closes a circle.
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            circle = path[path.index(name):] + [name]
+            pytest.fail("import circle: " + " -> ".join(circle))
+        if name in done:
+            return
+        for target in sorted(RUNTIME[name]):
+            # a package's __init__ importing its own modules, and a module importing its package, are not circles
+            if target != name and not name.startswith(target + ".") and not target.startswith(name + "."):
+                visit(target, path + [name])
+        done.add(name)
+
+    for name in sorted(RUNTIME):
+        visit(name, [])
+
+
+def test_the_checks_see_a_violation():
+    """The rule is read from real imports: a module of a lower layer importing a higher one is caught."""
+    assert layer("inference.web.http") < layer("inference.serving.service") < layer("inference.middleware.errors")
+    assert "inference.web.errors" in GRAPH["inference.web.router"]
+    assert "inference.engine.base" in GRAPH["inference.engine.llama.engine"]  # relative `from ..base import`
