@@ -43,7 +43,7 @@ PLACES = ["Paris", "Rome", "Tokyo", "Cairo", "Lima", "Oslo", "Nairobi", "Toronto
 async def run(args: argparse.Namespace) -> dict:
     from inference.config import Settings
     from inference.engine.base import ChatMessage, GenerationRequest, SamplingParams
-    from inference.engine.llama import LlamaEngine
+    from inference.engine.llama.engine import LlamaEngine
     from inference.engine.llama.models import resolve_model
     from inference.serving.structured import parse_response_format
 

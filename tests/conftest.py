@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from inference.config import Settings
-from inference.engine.llama import LlamaEngine
+from inference.engine.llama.engine import LlamaEngine
 from inference.engine.llama.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -112,3 +112,27 @@ def test_the_checks_see_a_violation():
     assert layer("inference.web.http") < layer("inference.serving.service") < layer("inference.middleware.errors")
     assert "inference.web.errors" in GRAPH["inference.web.router"]
     assert "inference.engine.base" in GRAPH["inference.engine.llama.engine"]  # relative `from ..base import`
+
+
+def test_everything_but_the_embedded_engine_imports_without_llama_cpp():
+    """The upstream-only image has no llama-cpp-python: its entry point, the assembly and the model download must
+    import without it (a package __init__ that imports its modules once broke this)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'llama_cpp': raise ImportError('no llama_cpp here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import inference.__main__, inference.app, inference.engine.llama.models, inference.engine.upstream\n"
+        "import inference.telemetry.export\n"
+        "from inference.engine import create_engine\n"
+        "from inference.config import Settings\n"
+        "settings = Settings.from_env({'MODEL_BACKEND': 'openai', 'UPSTREAM_URL': 'http://127.0.0.1:9'}, env_file=None)\n"
+        "print(type(create_engine(settings)).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "UpstreamEngine"

@@ -19,7 +19,7 @@ def create_engine(settings: Settings) -> Engine:
             settings.upstream_url, api_key=settings.upstream_api_key, model=settings.upstream_model,
             timeout=settings.upstream_timeout_seconds,
         )
-    from .llama import LlamaEngine
+    from .llama.engine import LlamaEngine
     from .llama.models import resolve_model
 
     path, sha256 = resolve_model(settings.model_path, settings.model_cache_dir)

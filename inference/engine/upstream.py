@@ -5,6 +5,9 @@ httpx's client tops out near 750 requests/s on its own, aiohttp near 6,000; see 
 the request and waits for the upstream's status line, so refusals and outages become HTTP errors before any
 byte goes to the client. The body is then read as the caller iterates: SSE lines when streaming, one JSON
 document otherwise. `cancel()` closes the upstream connection, so the upstream stops generating too.
+
+Over 400 lines on purpose: it is one protocol end to end (the request it sends, the SSE and JSON it reads back, tool
+calls and reasoning as they arrive, the upstream's errors as ours), and each part follows from the others.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def span_record(name: str, kind: int, context: SpanContext, parent: SpanContext 
                 attributes: Any, events: tuple[Any, ...] | None, status: int, description: str | None,
                 scope: tuple[Any, ...] | None, links: tuple[Any, ...] | None = None,
                 dropped: tuple[int, int, int] | None = None) -> Record:
-    """A record from a span's parts (the service's own spans, telemetry.RecordedSpan, and the SDK's, `record`)."""
+    """A record from a span's parts (the service's own spans, tracing.RecordedSpan, and the SDK's, `record`)."""
     return (name, kind, context.trace_id, context.span_id, int(context.trace_flags), _state(context.trace_state),
             parent.span_id if parent is not None else 0, parent is not None and parent.is_remote, start, end,
             attributes or None, events, links, status, description, dropped, scope)

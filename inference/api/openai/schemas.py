@@ -63,7 +63,7 @@ SAMPLING_SCHEMA: dict[str, Any] = {"properties": {
     "logit_bias": {
         "type": "object", "nullable": True, "maxProperties": MAX_LOGIT_BIAS,
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-        # Token ids; the served document bounds them by the model's vocabulary once it is loaded (openapi.py).
+        # Token ids; the served document bounds them by the model's vocabulary once it is loaded (web/openapi.py).
         "propertyNames": {"pattern": "^[0-9]+$"}},
     "response_format": {"nullable": True, "oneOf": [
         {"type": "object", "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},

@@ -117,7 +117,7 @@ def effective(body: SamplingFields) -> dict[str, float]:
 
 def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "") -> dict[str, Any]:
     """Refuse (400 naming it) each field whose fate here is "refused" and whose value asks for something; return
-    the fields to forward to an upstream as they came (openai_schemas.FIELDS)."""
+    the fields to forward to an upstream as they came (schemas.FIELDS)."""
     forwarded: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return forwarded

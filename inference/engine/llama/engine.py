@@ -10,6 +10,10 @@ scheduler frees its slot at the next step, and a sequence still waiting is dropp
 
 When the engine process dies, the requests it was running end with EngineRestarted (503 `engine_restarted`, or
 an error event on a stream); the ones still waiting are kept here and sent to the new process once it is ready.
+
+Over 400 lines on purpose: the client side of one process boundary. The table of requests the engine process
+holds, admission into it, the message handler, death and restart share one lock and one set of invariants (a
+request is sent once, answered once, kept across a restart only while it has not started).
 """
 
 from __future__ import annotations

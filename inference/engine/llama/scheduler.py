@@ -19,6 +19,9 @@ with or without a reused prefix (tests/engine/test_batching.py checks each).
 Only this thread touches the context, the batch and the samplers; the event loop talks to it through `submit`
 (under the lock) and each sequence's `emit`. Native objects are freed in one place each: samplers in `_retire`,
 the batch and context in `close`.
+
+Over 400 lines on purpose: the step loop is one state machine owned by one thread; admission, prefix reuse,
+prompt evaluation, decoding and retiring share its slots and batch, and read best in the order a step runs them.
 """
 
 from __future__ import annotations
