@@ -137,13 +137,55 @@ async def _choices(engine, runs: int) -> dict:
     return summary
 
 
+def compare_engines(args: argparse.Namespace) -> int:
+    """Each engine in a process of its own (grammar_engines.worker): schemas enforced of N, invalid outputs (must be
+    0), tokens/s under its grammar against free generation (same prompts, same process, temperature 0), compile
+    time p50/p99, the memory compiling the corpus took."""
+    import subprocess
+
+    from inference.config import Settings
+    from inference.engine.llama.models import resolve_model
+
+    settings = Settings.from_env({}, env_file=None)
+    model = args.model or resolve_model(settings.model_path, settings.model_cache_dir)[0]
+    results = []
+    for name in args.engines.split(","):
+        site = f"sys.path.append({str(args.xgrammar_site)!r}); " if name == "xgrammar" and args.xgrammar_site else ""
+        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
+                f"{site}from grammar_engines import worker; "
+                f"print(json.dumps(worker({name!r}, {str(args.corpus)!r}, {str(model)!r}, {args.generate}, "
+                f"{args.max_tokens})))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            results.append({"engine": name, "error": done.stderr[-500:]})
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"{name:10s} enforced {result['enforced']}/{result['schemas']}, generated {result['generated']} "
+              f"(finished {result['finished']}, invalid {result['invalid']}), {result['tokens_per_second']} tokens/s "
+              f"vs {result['free_tokens_per_second']} free ({result['ratio']:.2f}x), compile p50 "
+              f"{result['compile_ms_p50']} ms p99 {result['compile_ms_p99']} ms, +{result['compile_rss_mb']} MB",
+              flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if all(r.get("invalid", 1) == 0 for r in results if r["engine"] == "llguidance") else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="GGUF file (default: the default model)")
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--corpus", type=Path, help="compare the grammar engines on this corpus (JSON lines from "
+                        "scripts/schema_corpus.py) instead of the measurements above")
+    parser.add_argument("--engines", default="gbnf,llguidance,xgrammar")
+    parser.add_argument("--generate", type=int, default=40, help="schemas per engine to generate under")
+    parser.add_argument("--xgrammar-site", type=Path, help="a site-packages folder with xgrammar and torch")
     args = parser.parse_args()
+    if args.corpus:
+        return compare_engines(args)
     result = asyncio.run(run(args))
     print(f"completion tokens/s, medians of {result['runs']} runs: free {result['free_tps']:.1f}, "
           f"json_schema {result['json_schema_tps']:.1f} ({result['ratio']:.2f}x), "

@@ -173,6 +173,6 @@ def test_json_schema_output_matches_the_schema(client):
 
 
 def test_a_json_schema_that_cannot_be_enforced_is_refused(client):
-    response = infer(client, prompt="x", json_schema={"type": "integer", "minimum": 1})
+    response = infer(client, prompt="x", json_schema={"type": "array", "uniqueItems": True})
     error = response.json()["error"]
-    assert response.status_code == 422 and error["field"] == "json_schema" and "minimum" in error["message"]
+    assert response.status_code == 422 and error["field"] == "json_schema" and "uniqueItems" in error["message"]

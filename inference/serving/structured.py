@@ -1,11 +1,14 @@
 """Structured output: OpenAI's `response_format` as a grammar the sampler enforces, and a check of the result.
 
-`{"type": "json_object"}` and `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` become a
-llama.cpp GBNF grammar (llama-cpp-python's JSON-schema converter), applied while sampling, so the model can only
-write text that parses and matches. Fail closed: a schema keyword the converter would silently ignore is a 400
-naming it, never a quietly weaker guarantee. The converter bounds what a schema leaves open where a model could
-loop (at most 16 digits for a number, one optional space between tokens); strings stay as long as the schema lets
-them, up to max_tokens. After generation the text is validated against the schema (the `jsonschema` package).
+`{"type": "json_object"}` and `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` become an
+llguidance grammar (the grammar engine llama.cpp, vLLM and SGLang use; chosen by measurement, see the README's
+structured-output benchmark), applied while sampling (engine/llama/sampling.py), so the model can only write text
+that parses and matches. Fail closed: llguidance refuses what it cannot enforce exactly (a keyword it does not
+implement, a `oneOf` whose branches can overlap, an unknown `format`, an unsatisfiable schema), and that is a 400
+naming the keyword and where it is, never a quietly weaker guarantee. The list of keywords is llguidance's own,
+not one kept here. JSON is written compactly (`", "` and `": "` between items, no other whitespace): a small
+model cannot pad an answer with whitespace until max_tokens. After generation the text is validated against the
+schema (the `jsonschema` package): a second net, which should never catch anything.
 """
 
 from __future__ import annotations
@@ -18,26 +21,31 @@ from typing import Any
 from ..web.errors import HTTPError
 
 FIELD = "response_format"
-# Keywords the grammar enforces.
-ENFORCED = {
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
-    "minLength", "maxLength",
-}
-# JSON Schema keywords that assert something the grammar cannot enforce: refused. Keywords outside the JSON Schema
-# vocabulary (vendor "x-..." and the like) assert nothing, per the specification, and are ignored.
-UNENFORCED = {
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "patternProperties",
-    "propertyNames", "minProperties", "maxProperties", "uniqueItems", "contains", "minContains", "maxContains",
-    "multipleOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "unevaluatedProperties",
-    "unevaluatedItems", "additionalItems", "contentEncoding", "contentMediaType", "contentSchema", "$dynamicRef",
-    "$recursiveRef",
-}
-FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
-# Nested schemas under these keywords (a schema, a list of schemas, or a name -> schema object).
-SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "prefixItems": "list", "anyOf": "list",
-              "oneOf": "list", "allOf": "list", "properties": "map", "$defs": "map", "definitions": "map"}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# llguidance's JSON options, as overrides: a schema's own "x-guidance" options cannot loosen them (lenient would
+# ignore keywords it does not implement; coerce_one_of would read oneOf as anyOf).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False,
+                "coerce_one_of": False}
+GRAMMAR_CACHE = 512  # compiled grammars kept, by canonical schema (LRU)
+# Keywords that assert nothing (JSON Schema's annotations, and editors' extensions SchemaStore's schemas carry).
+ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+               "markdownDescription", "enumDescriptions", "markdownEnumDescriptions", "deprecationMessage",
+               "errorMessage", "patternErrorMessage", "doNotSuggest", "defaultSnippets"}
+# A format llguidance does not know is an annotation, as JSON Schema (2019-09 on) says formats are by default: not
+# enforced here, and not checked after generation either (the validator asserts no format by default).
+UNKNOWN_FORMAT = "Unknown format: "
+MAX_UNKNOWN_FORMATS = 8
+# A number a schema leaves unbounded gets at most 16 digits before its point (as llama.cpp's own converter did): a
+# small model otherwise writes "1111..." until max_tokens. The answer still matches the schema.
+NUMBER_BOUND = 10 ** 16 - 1
+# Where subschemas sit: keyword -> a schema, a list of schemas, or a name -> schema object. Used only to say where
+# a refused keyword is; values under other keywords (enum, const, default, examples) are data, not schemas.
+SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one",
+              "else": "one", "contains": "one", "propertyNames": "one", "additionalItems": "one",
+              "unevaluatedProperties": "one", "unevaluatedItems": "one", "contentSchema": "one",
+              "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list",
+              "properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+              "dependentSchemas": "map"}
 
 
 @dataclass(frozen=True)
@@ -106,76 +114,125 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
         raise _refuse('"json_schema.strict" must be true or false')
     if not isinstance(spec.get("description", ""), str):
         raise _refuse('"json_schema.description" must be a string')
-    if enforce:
-        check_schema(schema, "json_schema.schema")
     schema_json = json.dumps(schema, sort_keys=True)
     try:
         _validator(schema_json)
-        grammar = _grammar(json.dumps(_enforced(schema), sort_keys=True)) if enforce else None
-    except Exception as exc:  # the converter or the validator cannot make sense of it
-        raise _refuse(f'"json_schema.schema" cannot be enforced: {exc}') from None
+    except Exception as exc:  # not a JSON schema the validator can make sense of
+        raise _refuse(f'"json_schema.schema" is not a valid JSON schema: {exc}') from None
+    grammar = _grammar(schema_json) if enforce else None
     return StructuredOutput(kind, schema, schema_json, grammar, value)
-
-
-def check_schema(schema: Any, path: str) -> None:
-    """Refuse (400) any keyword the grammar would not enforce."""
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise _refuse(f"{path} must be a schema object")
-    for key, sub in schema.items():
-        if key not in ENFORCED and key not in UNENFORCED:
-            continue  # an annotation, or no JSON Schema keyword at all: asserts nothing
-        if key in UNENFORCED:
-            raise _refuse(f'{path} uses "{key}", which structured output cannot enforce; remove it or '
-                          "express it with the supported keywords (see the README)")
-        if key == "format" and sub not in FORMATS:
-            raise _refuse(f'{path} uses "format": {json.dumps(sub)}, which structured output cannot enforce '
-                          f"(supported: {', '.join(sorted(FORMATS))})")
-        kind = SUBSCHEMAS.get(key)
-        if kind == "one":
-            check_schema(sub, f"{path}.{key}")
-        elif kind == "list":
-            if not isinstance(sub, list):
-                raise _refuse(f"{path}.{key} must be a list of schemas")
-            for i, item in enumerate(sub):
-                check_schema(item, f"{path}.{key}[{i}]")
-        elif kind == "map":
-            if not isinstance(sub, dict):
-                raise _refuse(f"{path}.{key} must be an object of schemas")
-            for name, item in sub.items():
-                check_schema(item, f"{path}.{key}.{name}")
-
-
-def _enforced(schema: Any) -> Any:
-    """The schema with only the keywords the grammar acts on (the converter trips over others)."""
-    if not isinstance(schema, dict):
-        return schema
-    kept: dict[str, Any] = {}
-    for key, sub in schema.items():
-        if key not in ENFORCED:
-            continue
-        kind = SUBSCHEMAS.get(key)
-        if kind == "one":
-            kept[key] = _enforced(sub)
-        elif kind == "list":
-            kept[key] = [_enforced(item) for item in sub]
-        elif kind == "map":
-            kept[key] = {name: _enforced(item) for name, item in sub.items()}
-        else:
-            kept[key] = sub
-    return kept
 
 
 def _refuse(why: str) -> HTTPError:
     return HTTPError(422, "validation_error", f"{FIELD}: {why}", field=FIELD)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=GRAMMAR_CACHE)
 def _grammar(schema_json: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    """The llguidance grammar that enforces the schema exactly, or a 400 naming what it cannot enforce."""
+    from llguidance import LLMatcher
 
-    return json_schema_to_gbnf(schema_json)
+    schema, unknown = json.loads(schema_json), frozenset[str]()
+    while True:
+        grammar = LLMatcher.grammar_from_json_schema(_prepared(schema, unknown), overrides=JSON_OPTIONS)  # type: ignore
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+        if not failed:
+            return grammar
+        if messages[0].startswith(UNKNOWN_FORMAT) and len(unknown) < MAX_UNKNOWN_FORMATS:
+            unknown |= {messages[0].removeprefix(UNKNOWN_FORMAT).strip()}  # an annotation, as JSON Schema says
+            continue
+        raise _refuse(f'"json_schema.schema" cannot be enforced: {_located(messages[0], schema)}')
+
+
+def _prepared(schema: Any, dropped_formats: frozenset[str] = frozenset()) -> Any:
+    """What llguidance compiles for `schema`: the same set of valid answers, said in a way it enforces.
+
+    - annotations (description, title, examples, ...) are left out: they assert nothing, and beside a `$ref` in a
+      recursive schema llguidance would refuse them as sibling keys;
+    - a `oneOf` whose branches only name types is the types named by exactly one branch (the Kubernetes
+      int-or-string `oneOf: [{"type": ["string", "null"]}, {"type": ["number", "null"]}]` is string or number);
+    - a number the schema leaves unbounded gets at most 16 digits before its point (NUMBER_BOUND);
+    - `dropped_formats`: formats llguidance does not know, which JSON Schema makes annotations by default."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for name, sub in schema.items():
+        if name in ANNOTATIONS or name.startswith("x-") or (name == "format" and sub in dropped_formats):
+            continue
+        kind = SUBSCHEMAS.get(name)
+        if kind == "one":
+            out[name] = _prepared(sub, dropped_formats)
+        elif kind == "list" and isinstance(sub, list):
+            out[name] = [_prepared(item, dropped_formats) for item in sub]
+        elif kind == "map" and isinstance(sub, dict):
+            out[name] = {key: _prepared(item, dropped_formats) for key, item in sub.items()}
+        else:
+            out[name] = sub
+    exclusive = _exclusive_types(schema.get("oneOf"))  # judged on the branches as written
+    if exclusive is not None:
+        del out["oneOf"]
+        out["allOf"] = [*out.get("allOf", []), _prepared({"type": exclusive})]
+    types = out.get("type")
+    if types in ("integer", "number") or (isinstance(types, list) and {"integer", "number"} & set(types)):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -NUMBER_BOUND
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = NUMBER_BOUND
+    return out
+
+
+def _exclusive_types(branches: Any) -> list[str] | None:
+    """For a oneOf whose every branch only names types: the types exactly one branch names (None otherwise, or
+    when an integer could also match a "number" branch)."""
+    if not isinstance(branches, list) or not branches:
+        return None
+    counts: dict[str, int] = {}
+    for branch in branches:
+        if not isinstance(branch, dict) or set(branch) != {"type"}:
+            return None
+        named = branch["type"] if isinstance(branch["type"], list) else [branch["type"]]
+        for kind in set(named):
+            counts[kind] = counts.get(kind, 0) + 1
+    if "integer" in counts and "number" in counts:
+        return None
+    return sorted(kind for kind, count in counts.items() if count == 1)
+
+
+def _located(message: str, schema: Any) -> str:
+    """llguidance's message, with where the keyword it names first appears (llguidance says which, not where)."""
+    if not message.startswith("Unimplemented keys: "):
+        return message
+    try:
+        keys = json.loads(message.removeprefix("Unimplemented keys: "))
+    except ValueError:
+        return message
+    for key in keys:
+        path = _find(schema, key, "json_schema.schema")
+        if path is not None:
+            return (f'uses "{key}" at {path}, which the grammar engine cannot enforce; remove it or express it '
+                    "with the keywords it supports (see the README)")
+    return message
+
+
+def _find(schema: Any, key: str, path: str) -> str | None:
+    """Where `key` is a keyword of `schema` or of a schema inside it, first found depth-first."""
+    if not isinstance(schema, dict):
+        return None
+    if key in schema:
+        return path
+    for name, sub in schema.items():
+        kind = SUBSCHEMAS.get(name)
+        if kind == "one":
+            found = _find(sub, key, f"{path}.{name}")
+        elif kind == "list" and isinstance(sub, list):
+            found = next((p for i, item in enumerate(sub) if (p := _find(item, key, f"{path}.{name}[{i}]"))), None)
+        elif kind == "map" and isinstance(sub, dict):
+            found = next((p for n, item in sub.items() if (p := _find(item, key, f"{path}.{name}.{n}"))), None)
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
 
 
 @functools.lru_cache(maxsize=256)

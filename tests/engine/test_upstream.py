@@ -167,7 +167,7 @@ def test_structured_output_and_sampling_fields_pass_through(sdk, model_id):
     # The upstream enforces what the gateway passes on: its refusal comes back in the same shape.
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(**{**kwargs, "response_format": {"type": "json_schema", "json_schema": {
-            "name": "pick", "schema": {"type": "integer", "minimum": 1}}}})
+            "name": "pick", "schema": {"type": "array", "uniqueItems": True}}}})
     assert err.value.body["param"] == "response_format"
 
 

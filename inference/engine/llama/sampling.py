@@ -3,16 +3,20 @@
 llama_sampler_sample reads the sequence's logits row inside llama.cpp and returns the token: nothing of the
 vocabulary-sized logits vector crosses into Python on the hot path.
 
-A grammar (structured output) is not in the chain: checking every one of the vocabulary's tokens against it each
-step halved the speed here. As llama.cpp's own common sampler does, the token is sampled without it, then only
-that token is checked; only when the grammar rejects it is the grammar applied to the whole vocabulary and the
-token sampled again from what it allows.
+A grammar (structured output) is an llguidance matcher (serving/structured.py makes the grammar), not part of
+the chain. As llama.cpp's own common sampler does, the token is sampled without it, then only that token is
+checked (`validate_tokens`, microseconds); only when the grammar rejects it does llguidance compute the mask of
+allowed tokens (natively, into a bitmask: ~20 us for this vocabulary), which numpy applies to the top candidates,
+or to the whole vocabulary when it allows none of them, and the token is drawn again. One sequence's grammar is
+its own: the others in the batch never wait on it.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -25,54 +29,107 @@ TOP_K = 40
 MIN_P = 0.05
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PENALTY_LAST_N = 64  # llama.cpp's default window for the penalties: the last 64 generated tokens
+MATCHERS_KEPT = 64  # compiled grammars kept per engine process (LRU); each sequence gets a copy
+
+
+class Grammars:
+    """The engine process's llguidance side: the tokenizer (built once from the vocabulary, ~0.2 s, at the first
+    grammar) and the compiled grammars, by grammar text (LRU); a sequence gets a copy of one, which is cheap."""
+
+    def __init__(self, vocab: Any, n_vocab: int) -> None:
+        self.vocab = vocab
+        self.n_vocab = n_vocab
+        self._tokenizer: Any = None
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def eos(self) -> int:
+        """The token that ends a grammar's answer (the vocabulary's end of sequence), once a matcher exists."""
+        return self._tokenizer.eos_token
+
+    def matcher(self, grammar: str) -> Any:
+        """A fresh matcher for `grammar`; ValueError when llguidance refuses it."""
+        from llguidance import LLMatcher
+
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled.deep_copy()
+            if self._tokenizer is None:
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                self._tokenizer = lltokenizer_from_vocab(self.vocab, n_vocab=self.n_vocab)
+            compiled = LLMatcher(self._tokenizer, grammar, log_level=0)
+            if compiled.is_error():
+                raise ValueError(f"the grammar engine refused the response format: {compiled.get_error()}")
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > MATCHERS_KEPT:
+                self._compiled.popitem(last=False)
+            return compiled.deep_copy()
 
 
 class Sampler:
     """A sampler chain for one sequence; `close()` frees it (the scheduler does, exactly once)."""
 
-    def __init__(self, params: SamplingParams, seed: int, n_vocab: int, vocab: Any = None) -> None:
-        self._chain = self._filters = self._final = self._grammar = None
+    def __init__(self, params: SamplingParams, seed: int, n_vocab: int, grammars: Grammars | None = None) -> None:
+        self._chain = self._filters = self._final = None
+        self._matcher: Any = None
         if params.grammar is None:
             self._chain = _chain()
             _add_filters(self._chain, params, n_vocab)
             _add_final(self._chain, params, seed)
             return
+        if grammars is None:
+            raise ValueError("a grammar needs the engine's grammars")
+        self._matcher = grammars.matcher(params.grammar)
+        self._eos = grammars.eos
         # With a grammar: the filters (which narrow the candidates to the top ones) and the final draw are kept
         # apart, so the grammar can be applied between them to a few candidates instead of the whole vocabulary.
         self._filters, self._final = _chain(), _chain()
         _add_filters(self._filters, params, n_vocab, narrow=True)
         _add_final(self._final, params, seed)
-        self._grammar = C.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
-        if not self._grammar:
-            self.close()
-            raise ValueError("llama.cpp could not parse the response format's grammar")
         self._n_vocab = n_vocab
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
-        self._one = np.zeros(1, dtype=TOKEN_DATA)
+        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
     def sample(self, ctx: C.llama_context_p, index: int) -> int:
         """The next token from the logits of batch row `index` (recorded as accepted by the samplers)."""
-        if self._grammar is None:
+        if self._matcher is None:
             return C.llama_sampler_sample(self._chain, ctx, index)
         logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
         token = self._draw(self._narrowed(logits))
         if not self._allowed(token):
-            # The grammar on the top candidates only; on the whole vocabulary when it allows none of them.
+            # The grammar's mask on the top candidates only; on the whole vocabulary when it allows none of them.
+            matcher = self._matcher
+            matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
             array = self._narrowed(logits)
-            C.llama_sampler_apply(self._grammar, ctypes.byref(array))
-            array.sorted = False  # the grammar set rejected logits to -inf: the top-k order no longer holds
-            if not any(math.isfinite(array.data[i].logit) for i in range(array.size)):
+            if not self._masked(array):
                 array = self._filled(logits)
-                C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+                self._masked(array)
                 C.llama_sampler_apply(self._filters, ctypes.byref(array))
             token = self._draw(array)
-            # Accepting a token the grammar forbids aborts the whole process inside llama.cpp: never do it.
             if not self._allowed(token):
-                raise RuntimeError("the response format's grammar allows no token here")
-        for sampler in (self._grammar, self._filters, self._final):
+                raise RuntimeError(f"the response format's grammar allows no token here ({matcher.get_error()})")
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"the response format's grammar refused token {token}: {self._matcher.get_error()}")
+        for sampler in (self._filters, self._final):
             C.llama_sampler_accept(sampler, token)
         return token
+
+    def _masked(self, array: C.llama_token_data_array) -> bool:
+        """Set the logits of the candidates the mask forbids to -inf (vectorized: no Python loop over the
+        candidates); whether any is left."""
+        # The candidates where the samplers left them (they narrow and sort in place).
+        raw = ctypes.cast(array.data, ctypes.POINTER(ctypes.c_uint8))
+        candidates = np.ctypeslib.as_array(raw, shape=(array.size * TOKEN_DATA.itemsize,)).view(TOKEN_DATA)
+        ids = candidates["id"]
+        allowed = (self._mask[ids >> 5] >> (ids & 31)) & 1
+        candidates["logit"][allowed == 0] = -math.inf
+        array.sorted = False  # forbidden ones are -inf now: a sorted order no longer holds
+        return bool(allowed.any())
 
     def _filled(self, logits: np.ndarray) -> C.llama_token_data_array:
         candidates = self._candidates  # the samplers sort it in place: refilled every time
@@ -91,14 +148,13 @@ class Sampler:
         return int(array.data[array.selected].id)
 
     def _allowed(self, token: int) -> bool:
-        one = self._one
-        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
-        array = _token_data_array(one)
-        C.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        return bool(np.isfinite(one["logit"][0]))
+        if token == self._eos:  # llguidance's own end: allowed once the answer is complete (validate_tokens says no)
+            return bool(self._matcher.is_accepting())
+        return self._matcher.validate_tokens([token]) == 1
 
     def close(self) -> None:
-        for name in ("_chain", "_filters", "_final", "_grammar"):
+        self._matcher = None
+        for name in ("_chain", "_filters", "_final"):
             sampler = getattr(self, name)
             if sampler is not None:
                 C.llama_sampler_free(sampler)

@@ -38,7 +38,7 @@ from llama_cpp import llama_cpp as C
 
 from ..base import EngineNotReady, EngineOverloaded, QueueTimeout, RequestTimeout
 from .admission import DrainRate, FairQueue
-from .sampling import Sampler
+from .sampling import Grammars, Sampler
 from .sequence import STARTED, Sequence
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Scheduler:
         self.slots = slots
         self.max_queued = max_queued
         self.n_vocab = n_vocab
-        self.vocab = vocab
+        self.grammars = Grammars(vocab, n_vocab)  # structured output's compiled grammars (llguidance)
         self.is_eog = is_eog
         self.piece = piece
         self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
@@ -289,7 +289,7 @@ class Scheduler:
         C.llama_memory_seq_rm(self.memory, slot, reuse, -1)
         sequence.slot = slot
         sequence.evaluated = sequence.n_past = sequence.reused = reuse
-        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab, self.vocab)
+        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab, self.grammars)
         self.prompt_tokens_reused += reuse
 
     # --- evaluation --------------------------------------------------------------------------------
