@@ -16,6 +16,7 @@ the mask computed by the engine's native code) and accepts the sampled token.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -304,7 +305,7 @@ def worker(name: str, corpus_path: str, model_path: str, generate: int, max_toke
     return {
         "engine": name, "schemas": len(items), "enforced": len(compiled), "refused": len(refusals),
         "refusals": refusals, "tokenizer_seconds": round(tokenizer_seconds, 3),
-        "compile_ms_p50": round(statistics.median(ms), 2), "compile_ms_p99": round(ms[int(0.99 * (len(ms) - 1))], 2),
+        "compile_ms_p50": round(statistics.median(ms), 2), "compile_ms_p99": round(ms[max(0, math.ceil(0.99 * len(ms)) - 1)], 2),
         "compile_rss_mb": round(rss, 1), "generated": len(constrained),
         "finished": sum(r["finish"] == "stop" for r in constrained),
         "invalid": sum(r.get("valid") is False for r in constrained),

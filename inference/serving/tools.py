@@ -1,23 +1,32 @@
-"""Tool calls for models whose chat template knows no tools: OpenAI's `tools` + `tool_choice` ("required" or a
-named function) become an instruction to the model and a grammar its answer must follow.
+"""Tool calls for models whose chat template knows no tools: OpenAI's `tools` + `tool_choice` become an instruction
+to the model and a grammar its answer must follow (structured.py), and the answer is read back in OpenAI's shape.
 
-With one function to call, the answer is that function's arguments (a JSON object matching its `parameters`
-schema); with several ("required"), it is `{"name": ..., "arguments": {...}}` for one of them. Either way the
-grammar (structured.py) guarantees a call that parses and matches, and the answer is returned in OpenAI's
-`tool_calls` shape. "auto" would need the model to decide between text and a call in its own tool-call format, which
-would need a parser per template family: it is refused with a 400 that says to use "required". History turns carrying tool calls and tool
-results are rendered as ordinary assistant and user turns, which every chat template accepts.
+- a named function (or "required" with one function): the answer is that function's arguments, a JSON object
+  matching its `parameters` schema;
+- "required" with several: `{"name": ..., "arguments": {...}}` for one of them;
+- "auto" (OpenAI's default when tools are given): a generic envelope the model always completes validly, either
+  `{"answer": "<text>"}` or `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}` (one call when
+  `parallel_tool_calls` is false). The answer's text is unwrapped (streamed as it comes), the calls come back as
+  OpenAI's `tool_calls`.
+History turns carrying tool calls are rendered as the envelope the model is asked to write, tool results as user
+turns, which every chat template accepts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from ..web.errors import HTTPError
 from .structured import StructuredOutput, parse_response_format
+
+
+ANSWER_OPEN = '{"answer": "'  # how an "auto" answer that is text begins (the grammar writes JSON compactly)
+MAX_PARALLEL_CALLS = 8
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -27,13 +36,30 @@ class ToolPlan:
     names: tuple[str, ...]
     structured: StructuredOutput
     instruction: str
+    auto: bool = False  # the model chooses between answering and calling (the envelope)
 
     @property
     def single(self) -> str | None:
-        return self.names[0] if len(self.names) == 1 else None
+        return self.names[0] if len(self.names) == 1 and not self.auto else None
+
+    def answer(self, text: str) -> str | None:
+        """An "auto" answer's text, or None when it called (or was cut short before saying which)."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value.get("answer") if isinstance(value, dict) and isinstance(value.get("answer"), str) else None
 
     def calls(self, text: str) -> list[dict[str, Any]]:
-        """OpenAI's tool_calls for the model's answer (which the grammar made valid)."""
+        """OpenAI's tool_calls for the model's answer (which the grammar made valid); none when it answered."""
+        if self.auto:
+            try:
+                value = json.loads(text)
+                listed = value["tool_calls"]
+                return [{"id": new_call_id(), "type": "function", "function": {
+                    "name": call["name"], "arguments": json.dumps(call["arguments"])}} for call in listed]
+            except (ValueError, KeyError, TypeError):  # it answered, or was cut by max_tokens
+                return []
         if self.single is not None:
             name, arguments = self.single, text
         else:
@@ -49,53 +75,73 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool) -> ToolPlan | None:
-    """None when no tool is to be called; otherwise the plan; a 400 naming the field for what cannot be done."""
+def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = True) -> ToolPlan | None:
+    """None when no tool is to be called; otherwise the plan; a 400 naming the field for what cannot be done.
+    Without a tool_choice, tools mean "auto" (as OpenAI's)."""
     named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(
         (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None, str)
     if tool_choice not in (None, "none", "auto", "required") and not named:
         raise _refuse("tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": '
                                      '{"name": ...}}')
-    if not tools or tool_choice in (None, "none"):
-        if tools and tool_choice is None:
-            raise _refuse("tool_choice", 'with tools, say "required" or name a function: this model cannot '
-                                         'choose between answering and calling ("auto")')
+    if not tools and tool_choice not in (None, "none", "auto"):
+        raise _refuse("tool_choice", f"{json.dumps(tool_choice)} needs tools to choose from")
+    if not tools or tool_choice == "none":
         return None
     functions = _functions(tools)
-    if tool_choice == "auto":
-        raise _refuse("tool_choice", '"auto" needs the model to choose between answering and calling in its own '
-                                     'format, which the embedded engine does not parse; use "required" or name a '
-                                     'function')
+    if tool_choice in (None, "auto"):
+        return _auto(functions, enforce=enforce, parallel=parallel)
     if tool_choice == "required":
         chosen = list(functions)
-    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(
-            (tool_choice.get("function") or {}).get("name"), str):
+    else:
         name = tool_choice["function"]["name"]
         if name not in functions:
             raise _refuse("tool_choice", f"names the function {name!r}, which is not among the tools")
         chosen = [name]
-    else:
-        raise _refuse("tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": '
-                                     '{"name": ...}}')
     if len(chosen) == 1:
         schema = functions[chosen[0]]["parameters"]
         instruction = (f"Call the function {chosen[0]}: {functions[chosen[0]]['description']}\n"
                        f"Answer only with its arguments, a JSON object matching this schema: {json.dumps(schema)}")
     else:
-        schema = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                             "properties": {"name": {"const": n}, "arguments": functions[n]["parameters"]}}
-                            for n in chosen]}
-        listing = "\n".join(f"- {n}: {functions[n]['description']} Arguments: {json.dumps(functions[n]['parameters'])}"
-                            for n in chosen)
-        instruction = ("Call one of these functions:\n" + listing +
+        schema = _call_schema(functions, chosen)
+        instruction = ("Call one of these functions:\n" + _listing(functions) +
                        '\nAnswer only with a JSON object {"name": <function>, "arguments": {...}}.')
+    return ToolPlan(tuple(chosen), _structured(schema, enforce), instruction)
+
+
+def _auto(functions: dict[str, dict[str, Any]], *, enforce: bool, parallel: bool) -> ToolPlan:
+    names = list(functions)
+    schema = {"anyOf": [
+        {"type": "object", "additionalProperties": False, "required": ["answer"],
+         "properties": {"answer": {"type": "string"}}},
+        {"type": "object", "additionalProperties": False, "required": ["tool_calls"],
+         "properties": {"tool_calls": {"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
+                                       "items": _call_schema(functions, names)}}}]}
+    instruction = ("You can call these functions:\n" + _listing(functions) +
+                   '\nTo call, answer only with a JSON object {"tool_calls": [{"name": <function>, "arguments": '
+                   '{...}}]}' + (" (one or more calls)" if parallel else " (one call)") +
+                   '. Otherwise answer the user with a JSON object {"answer": "<your reply>"}.')
+    return ToolPlan(tuple(names), _structured(schema, enforce), instruction, auto=True)
+
+
+def _call_schema(functions: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+              "properties": {"name": {"const": n}, "arguments": functions[n]["parameters"]}} for n in names]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _listing(functions: dict[str, dict[str, Any]]) -> str:
+    return "\n".join(f"- {n}: {f['description']} Arguments: {json.dumps(f['parameters'])}"
+                     for n, f in functions.items())
+
+
+def _structured(schema: dict[str, Any], enforce: bool) -> StructuredOutput:
     try:
         structured = parse_response_format(
             {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}, enforce=enforce)
     except HTTPError as exc:
         raise _refuse("tools", exc.message.removeprefix("response_format: ")) from None
     assert structured is not None
-    return ToolPlan(tuple(chosen), structured, instruction)
+    return structured
 
 
 def _functions(tools: Any) -> dict[str, dict[str, Any]]:
@@ -106,25 +152,85 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise _refuse("tools", f'[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+        if not FUNCTION_NAME.fullmatch(function["name"]):
+            raise _refuse("tools", f"[{i}].function.name must be 1 to 64 letters, digits, _ or - (as OpenAI's)")
         parameters = function.get("parameters", {"type": "object"})
         if not isinstance(parameters, dict):
             raise _refuse("tools", f"[{i}].function.parameters must be a JSON schema object")
+        if not isinstance(function.get("description", ""), str):
+            raise _refuse("tools", f"[{i}].function.description must be a string")
+        if not isinstance(function.get("strict", False), (bool, type(None))):
+            raise _refuse("tools", f"[{i}].function.strict must be true, false or null")
         functions[function["name"]] = {"description": str(function.get("description") or ""),
                                        "parameters": parameters or {"type": "object"}}
     return functions
 
 
 def render_history(message: dict[str, Any]) -> tuple[str, str] | None:
-    """(role, content) for history turns with tool calls or tool results; None for ordinary ones."""
+    """(role, content) for history turns with tool calls or tool results; None for ordinary ones. Calls are
+    rendered as the envelope an "auto" answer writes, so the model sees its own format."""
     if message.get("role") == "tool":
         return "user", f"Result of the tool call {message.get('tool_call_id') or ''}: {message.get('content') or ''}"
     calls = message.get("tool_calls")
     if message.get("role") == "assistant" and calls:
-        rendered = [{"name": (c.get("function") or {}).get("name"), "arguments": (c.get("function") or {}).get(
-            "arguments")} for c in calls if isinstance(c, dict)]
-        return "assistant", json.dumps(rendered)
+        rendered = [{"name": (c.get("function") or {}).get("name"),
+                     "arguments": _parsed((c.get("function") or {}).get("arguments"))} for c in calls if isinstance(c, dict)]
+        return "assistant", json.dumps({"tool_calls": rendered})
     return None
+
+
+def _parsed(arguments: Any) -> Any:
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return arguments
 
 
 def _refuse(field: str, why: str) -> HTTPError:
     return HTTPError(422, "validation_error", f"{field}: {why}", field=field)
+
+
+class AnswerText:
+    """An "auto" answer's text as it is generated: fed the raw pieces (the envelope's JSON), it gives the text decoded
+    so far that was not given before; nothing when the answer turns out to be calls."""
+
+    __slots__ = ("raw", "sent", "answering")
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.sent = 0
+        self.answering: bool | None = None  # None until the opening says whether it answers or calls
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        if self.answering is None:
+            if self.raw.startswith(ANSWER_OPEN):
+                self.answering = True
+            elif not ANSWER_OPEN.startswith(self.raw):
+                self.answering = False
+        if not self.answering:
+            return ""
+        text = _decoded_prefix(self.raw[len(ANSWER_OPEN):])
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+
+def _decoded_prefix(body: str) -> str:
+    """The text of a JSON string's body as far as it is complete: up to its closing quote, short of an escape that is
+    cut off, and short of a high surrogate whose pair has not come yet."""
+    end, i = len(body), 0
+    while i < len(body):
+        char = body[i]
+        if char == '"':
+            end = i
+            break
+        if char == "\\":
+            size = 6 if body[i + 1:i + 2] == "u" else 2
+            if i + size > len(body):
+                end = i
+                break
+            i += size
+            continue
+        i += 1
+    text = json.loads('"' + body[:end] + '"')
+    return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text

@@ -601,8 +601,6 @@ def test_tool_choice_none_ignores_the_tools(openai_client, model_id):
 
 
 @pytest.mark.parametrize("kwargs, param, message", [
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", '"auto" needs the model to choose'),
-    ({"tools": TOOLS}, "tool_choice", "required"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
     ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "function"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
@@ -612,6 +610,82 @@ def test_tool_requests_that_cannot_be_served_are_refused(openai_client, model_id
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.chat.completions.create(model=model_id, messages=WEATHER, max_tokens=4, **kwargs)
     assert err.value.body["param"] == param and message in err.value.body["message"]
+
+
+def assembled(stream):
+    """A streamed chat answer put together: (finish_reason, content, [(name, arguments)])."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or ():
+            name, arguments = calls.get(call.index, ("", ""))
+            calls[call.index] = (name + (call.function.name or ""), arguments + (call.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason or finish
+    return finish, content or None, [calls[i] for i in sorted(calls)]
+
+
+def valid_calls(calls, tools=TOOLS):
+    import jsonschema
+
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), schemas[name])
+    return True
+
+
+@pytest.mark.parametrize("question", ["What's the weather in Paris?", "Say hello to me."])
+def test_auto_answers_or_calls_in_openai_shape_streamed_or_not(openai_client, model_id, question):
+    """"auto" (also what tools without a tool_choice mean): the model chooses; either way the answer is well formed:
+    text as content, or calls that match their functions' schemas, and streaming gives the same answer."""
+    kwargs = dict(model=model_id, messages=ask(question), tools=TOOLS, temperature=0, max_tokens=150)
+    whole = openai_client.chat.completions.create(**kwargs, tool_choice="auto").choices[0]
+    default = openai_client.chat.completions.create(**kwargs).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or ()]
+    if calls:
+        assert whole.finish_reason == "tool_calls" and whole.message.content is None and valid_calls(calls)
+        assert all(c.id.startswith("call_") for c in whole.message.tool_calls)
+    elif whole.finish_reason == "stop":
+        assert whole.message.content and not whole.message.content.startswith('{"answer"')  # unwrapped
+    else:  # cut by max_tokens: the text so far, or nothing when it was writing calls
+        assert whole.finish_reason == "length"
+    assert (default.finish_reason, default.message.content) == (whole.finish_reason, whole.message.content)
+    assert assembled(openai_client.chat.completions.create(**kwargs, stream=True)) == (
+        whole.finish_reason, whole.message.content, calls)
+
+
+def test_parallel_tool_calls_false_makes_at_most_one_call(openai_client, model_id):
+    messages = ask("What's the weather and the time in Paris, Rome and Oslo? Call every function you need.")
+    for parallel in (False, True):
+        reply = openai_client.chat.completions.create(model=model_id, messages=messages, tools=TOOLS, temperature=0,
+                                                      max_tokens=120, parallel_tool_calls=parallel)
+        calls = reply.choices[0].message.tool_calls or []
+        assert len(calls) <= (1 if not parallel else 8)
+        assert valid_calls([(c.function.name, c.function.arguments) for c in calls])
+
+
+def test_a_tool_loop_with_auto_runs_end_to_end(openai_client, model_id):
+    """The loop every agent framework runs: ask with tools ("auto"), run each call the model makes, send the results
+    back, until the model answers in text. Each turn is well formed, the tool results reach the model, and the loop
+    ends with an answer (after at most three rounds of calls, the last turn says "none", as agents do at a limit)."""
+    messages = ask("Use the get_weather function for Paris.")
+    rounds = 0
+    while True:
+        choice = openai_client.chat.completions.create(
+            model=model_id, messages=messages, tools=TOOLS, temperature=0, max_tokens=80, parallel_tool_calls=False,
+            tool_choice="auto" if rounds < 3 else "none").choices[0]
+        if not choice.message.tool_calls:
+            break
+        rounds += 1
+        assert choice.finish_reason == "tool_calls"
+        assert valid_calls([(c.function.name, c.function.arguments) for c in choice.message.tool_calls])
+        messages.append(choice.message.model_dump(exclude_none=True))
+        for call in choice.message.tool_calls:
+            city = json.loads(call.function.arguments)["city"]
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": f"{city}: sunny, 21 C"})
+    assert choice.finish_reason in ("stop", "length") and choice.message.content
 
 
 # --- logprobs ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from ...engine.base import EngineError, Generation, TokenLogprob
 from ...serving.generation import http_error_of
-from ...serving.tools import new_call_id
+from ...serving.tools import AnswerText, new_call_id
 from ...web.errors import HTTPError
 from ...web.http import SSE_DONE, StreamOutcome, dump_json, sse
 from . import dialect
@@ -52,6 +52,11 @@ def whole(generations: list[Generation], texts: list[str], meta: Meta, translate
             choice = {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
                                                   "tool_calls": calls}}
             finish = "tool_calls" if finish == "stop" else finish
+        elif plan is not None and plan.auto:  # it answered: the envelope's text (as far as it got); or its calls
+            unwrapped = AnswerText()  # were cut short by max_tokens: no text
+            content = unwrapped.feed(text)
+            choice = {"index": index, "message": {"role": "assistant", "content": content if unwrapped.answering
+                                                  else None, "refusal": None}}
         elif chat:
             choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None}}
         else:
@@ -132,6 +137,7 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
     no_logprobs = b',"logprobs":null,"finish_reason":null}]}\n\n'
     choices = [_Choice(opening + str(i).encode() + b",", structured is not None or plan is not None,
                        new_call_id() if plan is not None else "") for i in range(len(generations))]
+    answers = [AnswerText() for _ in generations] if plan is not None and plan.auto else None
 
     def logprobs_of(index: int) -> bytes:
         """The logprobs field for the tokens of choice `index` not sent yet."""
@@ -173,6 +179,8 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
                         yield choice.prefix + piece_open + dump_json(piece) + piece_close
                 elif plan.single is not None:
                     yield tool_delta(index, {"index": 0, "function": {"arguments": piece}})
+                elif answers is not None and (text := answers[index].feed(piece)):  # "auto" answered: as text
+                    yield choice.prefix + piece_open + dump_json(text) + piece_close
                 continue
             if generation.finish_reason is None:
                 return  # cancelled: the client is gone
@@ -180,7 +188,13 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
             text = "".join(choice.text or ())
             if structured is not None:
                 structured.check(text, finish)
-            if plan is not None:
+            if plan is not None and plan.auto:
+                calls = plan.calls(text)  # whole, once the answer is complete; none when it answered
+                for number, call in enumerate(calls):
+                    yield tool_delta(index, {"index": number, **call})
+                if calls:
+                    finish = "tool_calls" if finish == "stop" else finish
+            elif plan is not None:
                 if plan.single is None:  # which function: known once the whole answer is there
                     (call,) = plan.calls(text)
                     yield tool_delta(index, {"index": 0, **call, "id": choice.call_id})

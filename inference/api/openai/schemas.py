@@ -149,18 +149,18 @@ class ChatCompletionRequest(SamplingFields):
                            {"type": "string", "enum": ["none", "auto", "required"]},
                            {"type": "object", "required": ["type", "function"], "properties": {
                                "type": {"type": "string", "enum": ["function"]},
-                               "function": {"type": "object", "required": ["name"],
-                                            "properties": {"name": {"type": "string"}}}}}]}},
+                               # the name of one of the tools (a 400 otherwise); named as tools' names are
+                               "function": {"type": "object", "required": ["name"], "properties": {
+                                   "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}}}}}]}},
         "allOf": [
             {"anyOf": [  # top_logprobs only with logprobs: true
                 {"not": {"required": ["top_logprobs"]}},
                 {"properties": {"top_logprobs": {"enum": [None]}}},
                 {"required": ["logprobs"], "properties": {"logprobs": {"enum": [True]}}}]},
-            {"anyOf": [  # tools need a tool_choice that the embedded engine serves (README: tool calls)
-                {"not": {"required": ["tools"]}},
-                {"properties": {"tools": {"maxItems": 0}}},
-                {"properties": {"tools": {"enum": [None]}}},
-                {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["auto", None]}}}}]},
+            {"anyOf": [  # "required" or a named function needs tools
+                {"not": {"required": ["tool_choice"]}},
+                {"properties": {"tool_choice": {"enum": [None, "none", "auto"]}}},
+                {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}]},
         ]}
     # The most messages is checked by the handler, not stated as maxItems: that many never fit a context anyway, and
     # a schema bound would make the fuzzer send exactly that many, a request no model could take.
@@ -173,9 +173,10 @@ class ChatCompletionRequest(SamplingFields):
         ge=0, le=20, description="With logprobs: also the most likely tokens at each position, this many."))
     tools: list[Any] | None = field(default=None, metadata=spec(description="Function tools (README: tool calls)."))
     tool_choice: Any = field(default=None, metadata=spec(
-        description='"none", "required", or {"type": "function", "function": {"name": ...}}.'))
+        description='"auto" (the default with tools), "none", "required", or {"type": "function", "function": '
+                    '{"name": ...}}.'))
     parallel_tool_calls: bool | None = field(default=None, metadata=spec(
-        description="Whether an answer may call several functions (the embedded engine makes one call)."))
+        description='With "auto": whether an answer may call several functions (default true).'))
     safety_identifier: str | None = field(default=None, metadata=spec(
         max_length=256, description="The end user's id (OpenAI's successor to `user`): as `user`."))
     prompt_cache_key: str | None = field(default=None, metadata=spec(
@@ -240,7 +241,8 @@ FIELDS: dict[str, dict[str, Fate]] = {
     "chat": {
         **SAMPLING_FATES,
         **_fates("messages max_completion_tokens logprobs top_logprobs tools tool_choice"),
-        "parallel_tool_calls": Fate("used", "forwarded", "honoured: the embedded engine makes one call per answer"),
+        "parallel_tool_calls": Fate("used", "forwarded", 'with "auto", false allows one call per answer, true (the '
+                                    "default) up to 8; \"required\" and a named function make one call"),
         "safety_identifier": Fate("used", "forwarded", _RECORDED + " (`user` wins when both are sent)"),
         "prompt_cache_key": Fate("used", "forwarded", "on the server span (`inference.prompt_cache_key`); the "
                                  "embedded engine reuses cached prompt prefixes by their tokens, with or without it"),

@@ -71,7 +71,8 @@ def translate_chat(raw: Any, body: ChatCompletionRequest, forwarded: dict[str, A
     plan = None
     if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
         forwarded.update({key: raw[key] for key in ("tools", "tool_choice") if raw.get(key) is not None})
-    elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True)) is not None:
+    elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True,
+                             parallel=body.parallel_tool_calls is not False)) is not None:
         if structured is not None:
             raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
                             "arguments already follow the function's schema)", field="response_format")
