@@ -38,7 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # OpenAI's logit_bias: (token id, -100 .. 100) added to that token's logit; -100 bans it, 100 forces it.
     logit_bias: tuple[tuple[int, float], ...] = ()
-    # Structured output: a GBNF grammar the embedded engine samples under, and the request's response_format
+    # Structured output: an llguidance grammar the embedded engine samples under, and the request's response_format
     # as JSON for an upstream (which enforces it itself).
     grammar: str | None = None
     response_format: str | None = None

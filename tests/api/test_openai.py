@@ -787,3 +787,52 @@ def test_real_world_schemas_are_enforced_or_refused_by_name(openai_client, model
     assert choice.finish_reason in ("stop", "length")
     if choice.finish_reason == "stop":
         jsonschema.validate(json.loads(choice.message.content), item["schema"])
+
+
+def test_sdk_parse_with_field_constraints_and_nested_models(openai_client, model_id):
+    """The SDK's parse() with a Pydantic model that uses Field(min_length, max_length, pattern, ge, le) and a nested
+    model: the schema it sends is enforced (the old converter refused or dropped these), and the answer parses."""
+    from pydantic import BaseModel, Field
+
+    class Address(BaseModel):
+        city: str = Field(min_length=1, max_length=30)
+        code: str = Field(min_length=3, max_length=6, pattern=r"^[A-Z0-9]+$")
+
+    class Person(BaseModel):
+        name: str = Field(min_length=1, max_length=30)
+        age: int = Field(ge=0, le=120)
+        address: Address
+
+    completion = openai_client.beta.chat.completions.parse(
+        model=model_id, messages=ask("Describe a person, as JSON."), response_format=Person, temperature=0,
+        max_tokens=120)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice
+    person = choice.message.parsed
+    assert isinstance(person, Person) and isinstance(person.address, Address)
+    assert 0 <= person.age <= 120 and 3 <= len(person.address.code) <= 6 and person.address.code.isalnum()
+
+
+def test_langchain_bind_tools_with_auto(live, model_id):
+    """LangChain's ChatOpenAI, pointed at the service, with bind_tools(tool_choice="auto"): each answer is either
+    text or calls LangChain parses into tool_calls with arguments that match the tool's schema."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return f"{city}: sunny, 21 C"
+
+    chat = ChatOpenAI(base_url=f"{live.url}/v1", api_key="x", model=model_id, temperature=0, max_tokens=80,
+                      max_retries=0)
+    bound = chat.bind_tools([get_weather], tool_choice="auto", parallel_tool_calls=False)
+    messages = [HumanMessage("Use the get_weather function for Paris.")]
+    reply = bound.invoke(messages)
+    if reply.tool_calls:  # one at most: parallel_tool_calls=False
+        (call,) = reply.tool_calls
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str) and call["id"]
+        messages += [reply, ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"])]
+        reply = bound.invoke(messages)
+    assert reply.tool_calls or reply.content
+    streamed = list(bound.stream([HumanMessage("Say hello.")]))
+    assert streamed and (any(chunk.content for chunk in streamed) or any(chunk.tool_call_chunks for chunk in streamed))
