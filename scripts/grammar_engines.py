@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from inference.serving.structured import SUBSCHEMAS  # where subschemas sit
+
 # The keywords the former GBNF path enforced (serving/structured.py before llguidance).
 FORMER_ENFORCED = {
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
@@ -36,11 +38,7 @@ ASSERTIONS = FORMER_ENFORCED | {
     "unevaluatedItems", "additionalItems", "contentEncoding", "contentMediaType", "contentSchema", "$dynamicRef",
     "$recursiveRef",
 }
-SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one",
-              "else": "one", "contains": "one", "propertyNames": "one", "additionalItems": "one",
-              "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list",
-              "properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
-              "dependentSchemas": "map"}
+
 
 
 class Refused(Exception):

@@ -4,8 +4,8 @@
 llguidance grammar (the grammar engine llama.cpp, vLLM and SGLang use; chosen by measurement, see the README's
 structured-output benchmark), applied while sampling (engine/llama/sampling.py), so the model can only write text
 that parses and matches. Fail closed: llguidance refuses what it cannot enforce exactly (a keyword it does not
-implement, a `oneOf` whose branches can overlap, an unknown `format`, an unsatisfiable schema), and that is a 400
-naming the keyword and where it is, never a quietly weaker guarantee. The list of keywords is llguidance's own,
+implement, a `oneOf` whose branches can overlap, an unsatisfiable schema), and that is a 400 naming the keyword and
+where it is, never a quietly weaker guarantee (`_prepared` says what is rewritten first, admitting the same answers). The list of keywords is llguidance's own,
 not one kept here. JSON is written compactly (`", "` and `": "` between items, no other whitespace): a small
 model cannot pad an answer with whitespace until max_tokens. After generation the text is validated against the
 schema (the `jsonschema` package): a second net, which should never catch anything.
@@ -38,8 +38,8 @@ MAX_UNKNOWN_FORMATS = 8
 # A number a schema leaves unbounded gets at most 16 digits before its point (as llama.cpp's own converter did): a
 # small model otherwise writes "1111..." until max_tokens. The answer still matches the schema.
 NUMBER_BOUND = 10 ** 16 - 1
-# Where subschemas sit: keyword -> a schema, a list of schemas, or a name -> schema object. Used only to say where
-# a refused keyword is; values under other keywords (enum, const, default, examples) are data, not schemas.
+# Where subschemas sit: keyword -> a schema, a list of schemas, or a name -> schema object (to prepare a schema and
+# to say where a refused keyword is); values under other keywords (enum, const, default, examples) are data.
 SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one",
               "else": "one", "contains": "one", "propertyNames": "one", "additionalItems": "one",
               "unevaluatedProperties": "one", "unevaluatedItems": "one", "contentSchema": "one",

@@ -42,14 +42,6 @@ class ToolPlan:
     def single(self) -> str | None:
         return self.names[0] if len(self.names) == 1 and not self.auto else None
 
-    def answer(self, text: str) -> str | None:
-        """An "auto" answer's text, or None when it called (or was cut short before saying which)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        return value.get("answer") if isinstance(value, dict) and isinstance(value.get("answer"), str) else None
-
     def calls(self, text: str) -> list[dict[str, Any]]:
         """OpenAI's tool_calls for the model's answer (which the grammar made valid); none when it answered."""
         if self.auto:

@@ -31,7 +31,7 @@ def test_auto_is_an_envelope_of_an_answer_or_calls(choice):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in read] == [
         ("get_time", {"city": "Oslo"}), ("get_weather", {"city": "Rome"})]
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in read)
-    assert plan.calls('{"answer": "Hi"}') == [] and plan.answer('{"answer": "Hi"}') == "Hi"
+    assert plan.calls('{"answer": "Hi"}') == [] and AnswerText().feed('{"answer": "Hi"}') == "Hi"
     assert plan.calls('{"tool_calls": [{"name": "get_ti') == []  # cut by max_tokens: no call
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from typing import AsyncIterator
 
@@ -68,7 +69,8 @@ def routes(service: Service) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         body = from_json(InferRequest, await request.json(settings.max_body_bytes, settings.body_timeout_seconds), overrides=overrides)
-        structured = structured_of(body)  # a schema it cannot enforce is refused before anything else
+        # A schema it cannot enforce is refused before anything else; compiled off the event loop (as on /v1).
+        structured = await asyncio.to_thread(structured_of, body) if body.json_schema is not None else None
         if settings.log_prompts:
             state(request.scope).prompt = body.prompt
         info = service.model()
