@@ -224,6 +224,7 @@ class Settings:
     upstream_model: str | None = None
     upstream_timeout_seconds: int = 60
     model_path: Path | None = None
+    chat_template_file: Path | None = None
     model_cache_dir: Path = default_model_cache_dir()
     n_ctx: int = 2048
     n_threads: int = 0
@@ -345,6 +346,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "upstream_model": _optional_text,
     "upstream_timeout_seconds": _int(1, 3600),
     "model_path": _existing_file,
+    "chat_template_file": _existing_file,
     "model_cache_dir": _directory,
     "n_ctx": _int(64, 1 << 20),
     "n_threads": _int(0, 1024),

@@ -28,5 +28,5 @@ def create_engine(settings: Settings) -> Engine:
         max_concurrent=settings.max_concurrent_requests, queue_timeout=settings.queue_timeout_seconds, sha256=sha256,
         extra_buffers=settings.llama_extra_buffers, crash_test=settings.test_only_crash_with_extra_buffers,
         crash_loop_deaths=settings.engine_crash_loop_deaths, crash_loop_seconds=settings.engine_crash_loop_seconds,
-        log_format=settings.log_format,
+        log_format=settings.log_format, chat_template_file=settings.chat_template_file,
     )

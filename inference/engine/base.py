@@ -17,7 +17,8 @@ FinishReason = Literal["stop", "length"]
 class ChatMessage:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
-    # Tool-call turns as the client sent them, for an upstream (the embedded engine gets them rendered as text).
+    # Tool-call turns: as the client sent them for an upstream; for the embedded engine when its chat template writes
+    # tool calls itself (in Hugging Face's convention: arguments as objects), else they come rendered as text.
     tool_calls: str | None = None  # the assistant's calls, as JSON
     tool_call_id: str | None = None  # a `tool` turn's call
     # For an upstream: the message's other fields as the client sent them (`name`, ...), as JSON.
@@ -51,6 +52,9 @@ class SamplingParams:
     # Log probabilities: None, not asked (nothing is computed); k >= 0: each generated token's log probability
     # and the k most likely alternatives at its position.
     logprobs: int | None = None
+    # Special tokens whose text the answer shows (a template's tool-call opener, which the answer is read by);
+    # others, such as the end of turn, show no text.
+    preserve: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class GenerationRequest:
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    # OpenAI's tool list as JSON, for the embedded engine's chat template when it writes tools into the prompt.
+    tools: str | None = None
     # A hint: the caller wants the pieces as they come. A remote engine may fetch the whole answer at once.
     stream: bool = True
     # Who asked (API key or address): the embedded engine's queue takes clients in turn.
@@ -293,4 +299,9 @@ class Tokenizer(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
-    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]: ...
+    def render(self, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None) -> list[int]: ...
+
+    def special_token(self, text: str) -> int | None: ...
+
+    def chat_template(self) -> str | None:
+        """The chat template in use (the GGUF's, or CHAT_TEMPLATE_FILE's), once loaded."""

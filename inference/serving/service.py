@@ -3,13 +3,13 @@ the generator, the response cache and idempotency, metrics and tracing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from opentelemetry.trace import Tracer
 
 from ..config import Settings
-from ..engine.base import Engine, Generation, GenerationRequest, ModelInfo
+from ..engine.base import Engine, Generation, GenerationRequest, ModelInfo, Tokenizer
 from ..store.base import Store
 from ..telemetry.tracing import Metrics, Tracing
 from ..web.http import Request, Response, Scope
@@ -17,6 +17,7 @@ from .cache import ResponseCache
 from .generation import Generator
 from .idempotency import Idempotency
 from .lifecycle import Lifecycle
+from .tool_syntax import NativeTools, syntax_of
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Service:
     idempotency: Idempotency
     metrics: Metrics
     tracing: Tracing
+    _native: tuple[str | None, NativeTools | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def tracer(self) -> Tracer:
@@ -39,6 +41,18 @@ class Service:
     def model_id(self) -> str:
         """The model's id on /v1: SERVED_MODEL_NAME, else the engine's name for it (once loaded)."""
         return self.settings.served_model_name or self.engine.info.name
+
+    def native_tools(self) -> NativeTools | None:
+        """The chat template's own tool-call syntax (tool_syntax.py), when the embedded engine's template has one."""
+        engine = self.engine
+        if not isinstance(engine, Tokenizer) or not engine.loaded:
+            return None
+        template = engine.chat_template()
+        if self._native is None or self._native[0] != template:  # worked out once per template
+            syntax = syntax_of(template)
+            token = engine.special_token(syntax.opener) if syntax is not None and syntax.opener else None
+            self._native = (template, NativeTools(syntax, token) if syntax is not None else None)
+        return self._native[1]
 
     def model(self) -> ModelInfo:
         """The served model, or 503 while it is not ready."""

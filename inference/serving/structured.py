@@ -54,7 +54,7 @@ class StructuredOutput:
 
     kind: str  # "json_object" or "json_schema"
     schema: dict[str, Any]
-    schema_json: str  # canonical: the validator cache's key
+    schema_json: str  # canonical (sorted keys): the validator cache's key
     grammar: str | None  # None when an upstream enforces the schema instead
     asked: Any = field(default=None, compare=False)  # the response_format as the request gave it
 
@@ -76,17 +76,22 @@ class StructuredOutput:
 
     def violation(self, text: str) -> str | None:
         """Why `text` is not a valid answer, or None when it is."""
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            return f"not JSON: {exc}"
-        from jsonschema.exceptions import best_match
+        return violation_of(self.schema_json, text)
 
-        error = best_match(_validator(self.schema_json).iter_errors(value))
-        if error is None:
-            return None
-        where = "/".join(str(p) for p in error.absolute_path) or "the top level"
-        return f"at {where}: {error.message}"
+
+def violation_of(schema_json: str, text: str) -> str | None:
+    """Why `text` is not JSON matching the schema, or None when it is."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator(schema_json).iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+    return f"at {where}: {error.message}"
 
 
 def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutput | None:
@@ -119,7 +124,8 @@ def parse_response_format(value: Any, *, enforce: bool = True) -> StructuredOutp
         _validator(schema_json)
     except Exception as exc:  # not a JSON schema the validator can make sense of
         raise _refuse(f'"json_schema.schema" is not a valid JSON schema: {exc}') from None
-    grammar = _grammar(schema_json) if enforce else None
+    # The grammar writes properties in the schema's order (as OpenAI's do): compiled from the schema as written.
+    grammar = _grammar(json.dumps(schema)) if enforce else None
     return StructuredOutput(kind, schema, schema_json, grammar, value)
 
 
@@ -127,17 +133,30 @@ def _refuse(why: str) -> HTTPError:
     return HTTPError(422, "validation_error", f"{FIELD}: {why}", field=FIELD)
 
 
-@functools.lru_cache(maxsize=GRAMMAR_CACHE)
 def _grammar(schema_json: str) -> str:
     """The llguidance grammar that enforces the schema exactly, or a 400 naming what it cannot enforce."""
+    return _compiled(schema_json)[1]
+
+
+def json_term(schema: dict[str, Any]) -> str:
+    """The schema as a `%json` term of an llguidance lark grammar (a tool call inside a template's own syntax),
+    enforced as exactly as a response_format's: a 400 naming what cannot be."""
+    prepared = json.loads(_compiled(json.dumps(schema))[0])
+    return "%json " + json.dumps({**prepared, "x-guidance": JSON_OPTIONS})
+
+
+@functools.lru_cache(maxsize=GRAMMAR_CACHE)
+def _compiled(schema_json: str) -> tuple[str, str]:
+    """(the schema as compiled, its grammar)."""
     from llguidance import LLMatcher
 
     schema, unknown = json.loads(schema_json), frozenset[str]()
     while True:
-        grammar = LLMatcher.grammar_from_json_schema(_prepared(schema, unknown), overrides=JSON_OPTIONS)  # type: ignore
+        prepared = _prepared(schema, unknown)
+        grammar = LLMatcher.grammar_from_json_schema(prepared, overrides=JSON_OPTIONS)  # type: ignore
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
         if not failed:
-            return grammar
+            return json.dumps(prepared), grammar
         if messages[0].startswith(UNKNOWN_FORMAT) and len(unknown) < MAX_UNKNOWN_FORMATS:
             unknown |= {messages[0].removeprefix(UNKNOWN_FORMAT).strip()}  # an annotation, as JSON Schema says
             continue

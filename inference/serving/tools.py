@@ -1,6 +1,10 @@
-"""Tool calls for models whose chat template knows no tools: OpenAI's `tools` + `tool_choice` become an instruction
-to the model and a grammar its answer must follow (structured.py), and the answer is read back in OpenAI's shape.
+"""Tool calls: OpenAI's `tools` + `tool_choice` become a plan, a grammar the answer must follow and how it is read
+back in OpenAI's shape.
 
+When the chat template has its own tool syntax (tool_syntax.py: Hermes/Qwen, Llama 3, Mistral), the template lists
+the tools and writes the history's calls, and the grammar holds the model to its own call format (lazily for
+"auto"). For a template without, the tools become an instruction in the system message and a JSON grammar
+(structured.py):
 - a named function (or "required" with one function): the answer is that function's arguments, a JSON object
   matching its `parameters` schema;
 - "required" with several: `{"name": ..., "arguments": {...}}` for one of them;
@@ -8,8 +12,8 @@ to the model and a grammar its answer must follow (structured.py), and the answe
   `{"answer": "<text>"}` or `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}` (one call when
   `parallel_tool_calls` is false). The answer's text is unwrapped (streamed as it comes), the calls come back as
   OpenAI's `tool_calls`.
-History turns carrying tool calls are rendered as the envelope the model is asked to write, tool results as user
-turns, which every chat template accepts.
+History turns carrying tool calls are then rendered as the envelope the model is asked to write, tool results as
+user turns, which every chat template accepts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..web.errors import HTTPError
-from .structured import StructuredOutput, parse_response_format
+from .structured import StructuredOutput, parse_response_format, violation_of
+from .tool_syntax import NativeText, NativeTools
 
 
 ANSWER_OPEN = '{"answer": "'  # how an "auto" answer that is text begins (the grammar writes JSON compactly)
@@ -31,19 +36,68 @@ FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """The functions a request may call and how its answer is read back."""
+    """The functions a request may call and how its answer is read back: by the JSON plans of this module (an
+    instruction and a JSON grammar), or in the chat template's own syntax (`native`, tool_syntax.py)."""
 
     names: tuple[str, ...]
-    structured: StructuredOutput
-    instruction: str
-    auto: bool = False  # the model chooses between answering and calling (the envelope)
+    structured: StructuredOutput | None  # the JSON plans' grammar and the check of their answer
+    instruction: str | None  # None: the chat template writes the tools into the prompt itself
+    auto: bool = False  # the model chooses between answering and calling
+    native: NativeTools | None = None
+    grammar: str | None = None  # the template syntax's grammar (native)
+    parameters: tuple[tuple[str, str], ...] = ()  # native: each function's parameters schema (JSON), for the check
 
     @property
     def single(self) -> str | None:
-        return self.names[0] if len(self.names) == 1 and not self.auto else None
+        """The one function a JSON plan's answer is the arguments of (they stream as they are generated)."""
+        return self.names[0] if len(self.names) == 1 and not self.auto and self.native is None else None
+
+    def sampling(self) -> dict[str, Any]:
+        """The SamplingParams fields that carry the grammar."""
+        if self.native is None:
+            assert self.structured is not None
+            return self.structured.sampling()
+        token = self.native.opener_token
+        return {"grammar": self.grammar, "response_format": None, "preserve": () if token is None else (token,)}
+
+    def text_reader(self) -> AnswerText | NativeText | None:
+        """What gives the text of an answer that may be text, as it is generated (None: it is calls only)."""
+        if self.native is not None:
+            return NativeText(self.native.syntax)
+        return AnswerText() if self.auto else None
+
+    def new_call_id(self) -> str:
+        return self.native.syntax.new_call_id() if self.native is not None else new_call_id()
+
+    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, OpenAI tool_calls) of a finished answer."""
+        if self.native is not None:
+            return self.native.read(text, self.native.syntax.new_call_id)
+        calls = self.calls(text)
+        if self.auto and not calls:
+            answer = AnswerText()
+            content = answer.feed(text)
+            return (content if answer.answering else None), []  # None: its calls were cut by max_tokens
+        return None, calls
+
+    def check(self, text: str, calls: list[dict[str, Any]], finish_reason: str | None) -> None:
+        """The second net behind the grammar: a finished answer's calls match their functions' schemas."""
+        if self.native is None:
+            assert self.structured is not None
+            self.structured.check(text, finish_reason)
+            return
+        if finish_reason != "stop":
+            return
+        schemas = dict(self.parameters)
+        for call in calls:
+            function = call["function"]
+            violation = violation_of(schemas[function["name"]], function["arguments"])
+            if violation is not None:
+                raise HTTPError(502, "structured_output_invalid", f"the model's call of {function['name']} does not "
+                                f"match its parameters' schema ({violation})")
 
     def calls(self, text: str) -> list[dict[str, Any]]:
-        """OpenAI's tool_calls for the model's answer (which the grammar made valid); none when it answered."""
+        """A JSON plan's tool_calls for the model's answer (which the grammar made valid); none when it answered."""
         if self.auto:
             try:
                 value = json.loads(text)
@@ -67,9 +121,11 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = True) -> ToolPlan | None:
+def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = True,
+               native: NativeTools | None = None) -> ToolPlan | None:
     """None when no tool is to be called; otherwise the plan; a 400 naming the field for what cannot be done.
-    Without a tool_choice, tools mean "auto" (as OpenAI's)."""
+    Without a tool_choice, tools mean "auto" (as OpenAI's). `native`: the chat template's own tool syntax, if it has
+    one (the embedded engine's)."""
     named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(
         (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None, str)
     if tool_choice not in (None, "none", "auto", "required") and not named:
@@ -80,15 +136,20 @@ def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = 
     if not tools or tool_choice == "none":
         return None
     functions = _functions(tools)
-    if tool_choice in (None, "auto"):
-        return _auto(functions, enforce=enforce, parallel=parallel)
-    if tool_choice == "required":
+    auto = tool_choice in (None, "auto")
+    if auto:
+        chosen = list(functions)
+    elif tool_choice == "required":
         chosen = list(functions)
     else:
         name = tool_choice["function"]["name"]
         if name not in functions:
             raise _refuse("tool_choice", f"names the function {name!r}, which is not among the tools")
         chosen = [name]
+    if native is not None and enforce:
+        return _native(functions, chosen, native, auto=auto, parallel=parallel)
+    if auto:
+        return _auto(functions, enforce=enforce, parallel=parallel)
     if len(chosen) == 1:
         schema = functions[chosen[0]]["parameters"]
         instruction = (f"Call the function {chosen[0]}: {functions[chosen[0]]['description']}\n"
@@ -98,6 +159,23 @@ def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = 
         instruction = ("Call one of these functions:\n" + _listing(functions) +
                        '\nAnswer only with a JSON object {"name": <function>, "arguments": {...}}.')
     return ToolPlan(tuple(chosen), _structured(schema, enforce), instruction)
+
+
+def _native(functions: dict[str, dict[str, Any]], chosen: list[str], native: NativeTools, *, auto: bool,
+            parallel: bool) -> ToolPlan:
+    """Calls in the template's own syntax: the template lists the tools, the grammar holds the calls to it."""
+    try:
+        grammar = native.grammar(functions, chosen, auto=auto, max_calls=MAX_PARALLEL_CALLS if parallel else 1)
+    except HTTPError as exc:
+        raise _refuse("tools", exc.message.removeprefix("response_format: ")) from None
+    parameters = tuple((n, json.dumps(functions[n]["parameters"], sort_keys=True)) for n in chosen)
+    return ToolPlan(tuple(chosen), None, None, auto=auto, native=native, grammar=grammar, parameters=parameters)
+
+
+def template_tools(tools: Any) -> str:
+    """OpenAI's tool list as a chat template reads it (each function's name, description and parameters)."""
+    return json.dumps([{"type": "function", "function": {"name": name, **function}}
+                       for name, function in _functions(tools).items()])
 
 
 def _auto(functions: dict[str, dict[str, Any]], *, enforce: bool, parallel: bool) -> ToolPlan:

@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator
 
 from ...engine.base import EngineError, Generation, TokenLogprob
 from ...serving.generation import http_error_of
-from ...serving.tools import AnswerText, new_call_id
 from ...web.errors import HTTPError
 from ...web.http import SSE_DONE, StreamOutcome, dump_json, sse
 from . import dialect
@@ -43,22 +42,20 @@ def whole(generations: list[Generation], texts: list[str], meta: Meta, translate
     logprobs = translated.generation.params.logprobs is not None
     choices = []
     for index, (generation, text) in enumerate(zip(generations, texts)):
-        if structured is not None:
-            structured.check(text, generation.finish_reason)
         finish = generation.finish_reason
-        calls = plan.calls(text) if plan is not None else generation.tool_calls
-        if calls:  # the grammar's call, or the upstream's calls (with whatever text came before them)
-            content = None if plan is not None else text or None
+        if plan is not None:  # the grammar's calls, or its answer's text
+            content, calls = plan.read(text)
+            plan.check(text, calls, finish)
+        else:  # an upstream's calls (with whatever text came before them)
+            if structured is not None:
+                structured.check(text, finish)
+            content, calls = (text or None) if generation.tool_calls else text, generation.tool_calls
+        if calls:
             choice = {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
                                                   "tool_calls": calls}}
             finish = "tool_calls" if finish == "stop" else finish
-        elif plan is not None and plan.auto:  # it answered: the envelope's text (as far as it got); or its calls
-            unwrapped = AnswerText()  # were cut short by max_tokens: no text
-            content = unwrapped.feed(text)
-            choice = {"index": index, "message": {"role": "assistant", "content": content if unwrapped.answering
-                                                  else None, "refusal": None}}
         elif chat:
-            choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None}}
+            choice = {"index": index, "message": {"role": "assistant", "content": content, "refusal": None}}
         else:
             choice = {"index": index, "text": text}
         if chat and generation.reasoning:  # an upstream reasoning model's
@@ -136,8 +133,8 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
     piece_close = b'},"logprobs":null,"finish_reason":null}]}\n\n' if chat else b',"logprobs":null,"finish_reason":null}]}\n\n'
     no_logprobs = b',"logprobs":null,"finish_reason":null}]}\n\n'
     choices = [_Choice(opening + str(i).encode() + b",", structured is not None or plan is not None,
-                       new_call_id() if plan is not None else "") for i in range(len(generations))]
-    answers = [AnswerText() for _ in generations] if plan is not None and plan.auto else None
+                       plan.new_call_id() if plan is not None else "") for i in range(len(generations))]
+    readers = [plan.text_reader() for _ in generations] if plan is not None else None
 
     def logprobs_of(index: int) -> bytes:
         """The logprobs field for the tokens of choice `index` not sent yet."""
@@ -179,27 +176,29 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
                         yield choice.prefix + piece_open + dump_json(piece) + piece_close
                 elif plan.single is not None:
                     yield tool_delta(index, {"index": 0, "function": {"arguments": piece}})
-                elif answers is not None and (text := answers[index].feed(piece)):  # "auto" answered: as text
-                    yield choice.prefix + piece_open + dump_json(text) + piece_close
+                elif readers is not None and (reader := readers[index]) and (text := reader.feed(piece)):
+                    yield choice.prefix + piece_open + dump_json(text) + piece_close  # the answer's text, as text
                 continue
             if generation.finish_reason is None:
                 return  # cancelled: the client is gone
             finish = generation.finish_reason
             text = "".join(choice.text or ())
-            if structured is not None:
-                structured.check(text, finish)
-            if plan is not None and plan.auto:
-                calls = plan.calls(text)  # whole, once the answer is complete; none when it answered
+            if plan is not None and plan.single is None:
+                content, calls = plan.read(text)  # whole, once the answer is complete
+                plan.check(text, calls, finish)
+                reader = readers[index] if readers is not None else None
+                if content and reader is not None and content[reader.sent:]:  # text after the calls, or held back
+                    yield choice.prefix + piece_open + dump_json(content[reader.sent:]) + piece_close
                 for number, call in enumerate(calls):
                     yield tool_delta(index, {"index": number, **call})
                 if calls:
                     finish = "tool_calls" if finish == "stop" else finish
             elif plan is not None:
-                if plan.single is None:  # which function: known once the whole answer is there
-                    (call,) = plan.calls(text)
-                    yield tool_delta(index, {"index": 0, **call, "id": choice.call_id})
+                plan.check(text, [], finish)
                 finish = "tool_calls" if finish == "stop" else finish
-            elif generation.tool_calls:  # an upstream's calls: whole, once they are complete
+            elif structured is not None:
+                structured.check(text, finish)
+            if plan is None and generation.tool_calls:  # an upstream's calls: whole, once they are complete
                 for number, call in enumerate(generation.tool_calls):
                     yield tool_delta(index, {"index": number, **call})
                 finish = "tool_calls" if finish == "stop" else finish

@@ -81,7 +81,8 @@ def routes(service: Service) -> list[Route]:
         check_model(body.model)
         # A schema (response_format, tools) may take a grammar compile (p99 ~0.1 s on real-world schemas, once per
         # schema: cached): off the event loop, so that other requests never wait on it.
-        translate = (lambda: translate_chat(raw, body, forwarded, forwarded_by_message, settings))
+        native = service.native_tools()  # worked out once
+        translate = (lambda: translate_chat(raw, body, forwarded, forwarded_by_message, settings, native))
         translated = await asyncio.to_thread(translate) if body.response_format or body.tools else translate()
         return await respond(request, raw, body, translated)
 

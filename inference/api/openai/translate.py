@@ -13,7 +13,8 @@ from opentelemetry import trace
 from ...config import Settings
 from ...engine.base import ChatMessage, GenerationRequest, SamplingParams
 from ...serving.structured import StructuredOutput, parse_response_format
-from ...serving.tools import ToolPlan, plan_tools, render_history
+from ...serving.tool_syntax import NativeTools, ToolSyntax
+from ...serving.tools import ToolPlan, plan_tools, render_history, template_tools
 from ...web.errors import HTTPError
 from ...web.http import Request
 from ...web.state import state
@@ -64,37 +65,46 @@ def parse_completion(raw: Any, settings: Settings, overrides: Overrides) -> tupl
 
 
 def translate_chat(raw: Any, body: ChatCompletionRequest, forwarded: dict[str, Any],
-                   forwarded_by_message: list[dict[str, Any]], settings: Settings) -> Translated:
+                   forwarded_by_message: list[dict[str, Any]], settings: Settings,
+                   native: NativeTools | None = None) -> Translated:
+    """`native`: the embedded model's chat template writes tools and calls itself (tool_syntax.py)."""
     embedded = settings.embedded
-    messages, system = chat_messages(body.messages, forwarded_by_message, settings)
+    messages, system = chat_messages(body.messages, forwarded_by_message, settings,
+                                     native.syntax if native is not None else None)
     structured = parse_response_format(body.response_format, enforce=embedded)
-    plan = None
+    plan, tools, grammar = None, None, structured.sampling() if structured is not None else {}
     if not embedded:  # the upstream decides whether and how to call, and enforces what it supports
         forwarded.update({key: raw[key] for key in ("tools", "tool_choice") if raw.get(key) is not None})
-    elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True,
+    elif (plan := plan_tools(body.tools, body.tool_choice, enforce=True, native=native,
                              parallel=body.parallel_tool_calls is not False)) is not None:
         if structured is not None:
             raise HTTPError(422, "validation_error", "response_format: not with tool calls (the call's "
                             "arguments already follow the function's schema)", field="response_format")
-        structured = plan.structured
-        messages = _with_instruction(messages, plan.instruction)
+        structured, grammar = plan.structured, plan.sampling()
+        if plan.instruction is not None:
+            messages = _with_instruction(messages, plan.instruction)
+        else:
+            tools = template_tools(body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise HTTPError(422, "validation_error", "top_logprobs: needs logprobs: true", field="top_logprobs")
-    params = sampling(body, body.max_completion_tokens or body.max_tokens, structured,
+    params = sampling(body, body.max_completion_tokens or body.max_tokens, grammar,
                       (body.top_logprobs or 0) if body.logprobs else None, forwarded, settings)
-    return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream)), structured, plan, system)
+    return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream), tools=tools),
+                      structured, plan, system)
 
 
 def translate_completion(body: CompletionRequest, forwarded: dict[str, Any], settings: Settings) -> Translated:
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     structured = parse_response_format(body.response_format, enforce=settings.embedded)
-    params = sampling(body, body.max_tokens or 16, structured, body.logprobs, forwarded, settings)  # OpenAI's: 16
+    params = sampling(body, body.max_tokens or 16, structured.sampling() if structured is not None else {},
+                      body.logprobs, forwarded, settings)  # OpenAI's max_tokens: 16
     return Translated(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)), structured)
 
 
-def sampling(body: SamplingFields, max_tokens: int | None, structured: StructuredOutput | None,
+def sampling(body: SamplingFields, max_tokens: int | None, grammar: Mapping[str, Any],
              logprobs: int | None, forwarded: dict[str, Any], settings: Settings) -> SamplingParams:
-    """The sampling fields both endpoints share; no max_tokens: as many as the context has room for."""
+    """The sampling fields both endpoints share; no max_tokens: as many as the context has room for. `grammar`:
+    the fields that carry a response format or tool calls (StructuredOutput.sampling, ToolPlan.sampling)."""
     params = SamplingParams(
         logprobs=logprobs,
         max_tokens=max_tokens or settings.max_tokens_limit,
@@ -102,7 +112,7 @@ def sampling(body: SamplingFields, max_tokens: int | None, structured: Structure
         seed=body.seed,
         logit_bias=_logit_bias(body.logit_bias),
         fit_context=max_tokens is None,
-        **(structured.sampling() if structured is not None else {}),
+        **grammar,
         **effective(body),
     )
     return replace(params, forwarded=json.dumps(forwarded)) if forwarded else params
@@ -177,25 +187,29 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def chat_messages(messages: list[ChatCompletionMessage], forwarded: list[dict[str, Any]],
-                  settings: Settings) -> tuple[tuple[ChatMessage, ...], str | None]:
+                  settings: Settings, syntax: ToolSyntax | None = None) -> tuple[tuple[ChatMessage, ...], str | None]:
     """A request's messages as the engine takes them, and the system prompt the service added (None if none).
 
     The embedded model gets SYSTEM_PROMPT when a chat brings no system message, as Ollama gives a model its default
     one: small models answer far better with it. An upstream's model has its own defaults. `forwarded`: each
-    message's fields for an upstream (message_fates)."""
+    message's fields for an upstream (message_fates). `syntax`: the embedded template writes tool calls and
+    results itself."""
     embedded = settings.embedded
-    converted = [_chat_message(message, embedded, fields) for message, fields in zip(messages, forwarded)]
+    converted = [_chat_message(message, embedded, fields, syntax) for message, fields in zip(messages, forwarded)]
     if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
         return (ChatMessage("system", settings.system_prompt), *converted), settings.system_prompt
     return tuple(converted), None
 
 
-def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dict[str, Any]) -> ChatMessage:
+def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dict[str, Any],
+                  syntax: ToolSyntax | None) -> ChatMessage:
     text = _text(message)
     if not embedded:  # as they came: the upstream renders names, tool turns and the rest itself
         calls = None if message.tool_calls is None else json.dumps(message.tool_calls)
         return ChatMessage(ROLES.get(message.role, message.role), text, tool_calls=calls,  # type: ignore[arg-type]
                            tool_call_id=message.tool_call_id, forwarded=json.dumps(forwarded) if forwarded else None)
+    if syntax is not None and (message.tool_calls or message.role == "tool"):  # the template writes them
+        return _template_turn(message, text, syntax)
     history = render_history({"role": message.role, "tool_calls": message.tool_calls, "content": text,
                               "tool_call_id": message.tool_call_id})
     if history is not None:
@@ -203,6 +217,25 @@ def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dic
     if message.name:
         text = f"{message.name}: {text}"
     return ChatMessage(ROLES.get(message.role, message.role), text)  # type: ignore[arg-type]
+
+
+def _template_turn(message: ChatCompletionMessage, text: str, syntax: ToolSyntax) -> ChatMessage:
+    """A tool call or result for a template that writes them: calls with their arguments as objects (Hugging
+    Face's convention), ids as the template accepts them."""
+    if message.role == "tool":
+        return ChatMessage("tool", text, tool_call_id=syntax.history_id(message.tool_call_id or ""))
+    calls = []
+    for call in message.tool_calls or ():
+        call = call if isinstance(call, dict) else {}
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass  # as it came: the template writes it as a string
+        calls.append({"id": syntax.history_id(str(call.get("id") or "")), "type": "function",
+                      "function": {"name": function.get("name"), "arguments": arguments}})
+    return ChatMessage("assistant", text, tool_calls=json.dumps(calls))
 
 
 def _text(message: ChatCompletionMessage) -> str:

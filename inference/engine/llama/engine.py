@@ -22,6 +22,7 @@ import asyncio
 import collections
 import hashlib
 import itertools
+import json
 import logging
 import random
 import threading
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 from ..base import (
     Admission,
+    ChatMessage,
     ContextLengthExceeded,
     EngineError,
     EngineNotReady,
@@ -183,8 +185,11 @@ class LlamaEngine:
         crash_loop_seconds: float = 60.0,
         restart_retry_after: int = 5,
         log_format: str = "text",
+        chat_template_file: Path | None = None,
     ) -> None:
         self.model_path = Path(model_path)
+        self.chat_template_file = chat_template_file  # CHAT_TEMPLATE_FILE: replaces the GGUF's own template
+        self._template: str | None = None  # the chat template in use, once loaded
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_queued = max_queued
@@ -287,7 +292,9 @@ class LlamaEngine:
         vocab = load_model(self.model_path, vocab_only=True)
         meta = vocab.metadata()
         eos, bos = vocab.token_eos(), vocab.token_bos()
-        template = meta.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        template = (self.chat_template_file.read_text() if self.chat_template_file
+                    else meta.get("tokenizer.chat_template") or CHATML_TEMPLATE)
+        self._template = template
         eos_text, bos_text = vocab.token_get_text(eos) if eos != -1 else "", vocab.token_get_text(bos) if bos != -1 else ""
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
         self._prefix_formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text,
@@ -308,9 +315,13 @@ class LlamaEngine:
             on_ready=self._on_ready, on_failed=self._on_failed, on_restart=self._restarted,
         )
         self._supervisor.start()
-        self._info = replace(_model_info(self.model_path, sha256, meta, self.n_ctx,
-                                         self._supervisor.ready_info.get("n_params", 0)),
-                             vocab_size=vocab.n_vocab())
+        info = _model_info(self.model_path, sha256, meta, self.n_ctx, self._supervisor.ready_info.get("n_params", 0))
+        if self.chat_template_file:  # another template answers differently: another revision (cache keys, fingerprint)
+            template_sha = hashlib.sha256(template.encode()).hexdigest()
+            info = replace(info, revision=hashlib.sha256(f"{sha256}:{template_sha}".encode()).hexdigest()[:12],
+                           extra={**info.extra, "chat_template_file": str(self.chat_template_file),
+                                  "chat_template_sha256": template_sha})
+        self._info = replace(info, vocab_size=vocab.n_vocab())
         log.info("loaded %s (%s, revision %s): %d sequences at once, %d tokens of context each, in engine process %d",
                  self._info.name, self._info.quantization, self._info.revision, self.max_concurrent, self.n_ctx,
                  self._supervisor.pid)
@@ -524,24 +535,37 @@ class LlamaEngine:
         """The prompt's tokens: the chat template applied to `messages`, or the raw `prompt`."""
         return self._prepare(request)[0]
 
-    def _render(self, formatter: Any, messages: Any) -> list[int]:
-        rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    def _render(self, formatter: Any, messages: Any, tools: Any = None) -> list[int]:
+        rendered = formatter(messages=[_template_message(m) for m in messages], tools=tools)
         return self._vocab.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
 
-    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]:
-        """The tokens of `messages` through the model's chat template (no context-length check)."""
+    def render(self, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None) -> list[int]:
+        """The tokens of `messages` through the model's chat template (no context-length check); `tools`: OpenAI's
+        tool list, for a template that writes tools into the prompt itself."""
         formatter = self._formatter if add_generation_prompt else self._prefix_formatter
         try:
-            return self._render(formatter, messages)
+            return self._render(formatter, messages, tools)
         except Exception as exc:  # a template's raise_exception() or any Jinja error
             raise InvalidPrompt(f"the model's chat template rejected the messages: {exc}") from None
+
+    def chat_template(self) -> str | None:
+        return self._template
+
+    def special_token(self, text: str) -> int | None:
+        """The id of the one token `text` is when read as a special token (a control token, or one of the
+        template's own `<...>` tokens), which plain text never tokenizes to; None when there is no such token."""
+        found = self._vocab.tokenize(text.encode(), add_bos=False, special=True)
+        if len(found) != 1 or self._vocab.tokenize(text.encode(), add_bos=False, special=False) == found:
+            return None
+        return found[0]
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], tuple[int, ...], int]:
         vocab = self._vocab
         boundaries: tuple[int, ...] = ()
         if request.messages is not None:
-            tokens = self.render(request.messages)
-            boundaries = self._boundaries(request.messages, tokens)
+            tools = json.loads(request.tools) if request.tools else None
+            tokens = self.render(request.messages, tools=tools)
+            boundaries = self._boundaries(request.messages, tokens, tools)
         else:
             tokens = vocab.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
             if not tokens:  # an empty prompt for a model that adds no BOS: start from BOS, as OpenAI allows ""
@@ -561,7 +585,7 @@ class LlamaEngine:
             max_tokens = self.n_ctx - len(tokens)
         return tokens, boundaries, max_tokens
 
-    def _boundaries(self, messages: Any, tokens: list[int]) -> tuple[int, ...]:
+    def _boundaries(self, messages: Any, tokens: list[int], tools: Any = None) -> tuple[int, ...]:
         """Where the prompt's tokens end a message (and where an earlier request's prompt, the same messages
         plus the assistant's cue, ended): the points at which a cached prefix may be reused exactly."""
         if len(messages) > BOUNDARY_MESSAGES or sum(len(m.content) for m in messages) > BOUNDARY_CHARS:
@@ -570,7 +594,7 @@ class LlamaEngine:
         for k in range(1, len(messages)):
             for formatter in (self._prefix_formatter, self._formatter):
                 try:
-                    prefix = self._render(formatter, messages[:k])
+                    prefix = self._render(formatter, messages[:k], tools)
                 except Exception:  # a template may refuse a partial conversation (e.g. one ending on the system)
                     continue
                 if 0 < len(prefix) < len(tokens) and tokens[: len(prefix)] == prefix:
@@ -594,6 +618,17 @@ class LlamaEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (Hugging Face's convention): tool calls with their arguments as objects,
+    a tool result with the id of its call."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = json.loads(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:

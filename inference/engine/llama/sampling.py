@@ -17,6 +17,7 @@ import collections
 import ctypes
 import math
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,9 @@ class Grammars:
             if self._tokenizer is None:
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
-                self._tokenizer = lltokenizer_from_vocab(self.vocab, n_vocab=self.n_vocab)
+                with warnings.catch_warnings():  # llguidance calls a llama_cpp function its newer versions rename
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._tokenizer = lltokenizer_from_vocab(self.vocab, n_vocab=self.n_vocab)
             compiled = LLMatcher(self._tokenizer, grammar, log_level=0)
             if compiled.is_error():
                 raise ValueError(f"the grammar engine refused the response format: {compiled.get_error()}")

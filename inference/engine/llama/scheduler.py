@@ -96,7 +96,7 @@ class Scheduler:
         n_vocab: int,
         vocab: Any,
         is_eog: Callable[[int], bool],
-        piece: Callable[[int], bytes],
+        piece: Callable[[int, bool], bytes],  # a token's bytes (True: a special token's text too)
         publish: Callable[[list[tuple[Sequence, Any]]], None],
     ) -> None:
         self.ctx = ctx
@@ -373,7 +373,7 @@ class Scheduler:
         self.tokens_generated += 1
         if sequence.params.logprobs is not None:
             sequence.emit(self._logprobs(row, token, sequence.params.logprobs))
-        if sequence.add_text(self.piece(token)):
+        if sequence.add_text(self.piece(token, token in sequence.params.preserve)):
             self._retire(sequence, "stop", stopped=True)
         elif sequence.produced >= sequence.params.max_tokens:
             self._retire(sequence, "length")

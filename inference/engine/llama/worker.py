@@ -76,7 +76,7 @@ class Worker:
         self.scheduler = Scheduler(
             self.ctx, slots=slots, max_queued=config["max_queued"], n_vocab=self.model.n_vocab(), vocab=vocab,
             is_eog=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
-            piece=lambda token: self.model.detokenize([token]), publish=self.publish,
+            piece=lambda token, special=False: self.model.detokenize([token], special=special), publish=self.publish,
         )
         self.scheduler.on_crash = self.crash_exit
 
