@@ -83,8 +83,10 @@ def routes(service: Service) -> list[Route]:
         special = body.add_special if body.add_special is not None else body.add_special_tokens
         try:
             if body.content is None and body.prompt is None and body.messages is not None:
-                # Counted as /v1/chat/completions sends them.
-                messages, _ = chat_messages(body.messages, forwarded, settings)
+                # Counted as /v1/chat/completions sends them (tool turns written by the template where it can).
+                native = service.native_tools()
+                messages, _ = chat_messages(body.messages, forwarded, settings,
+                                            native.syntax if native is not None else None)
                 tokens = await asyncio.to_thread(engine.render, messages,
                                                  add_generation_prompt=body.add_generation_prompt)
             else:

@@ -2,9 +2,11 @@
 the default model served with each template (CHAT_TEMPLATE_FILE), the official openai SDK as the client. What the
 model writes differs by CPU; what the grammar guarantees does not: a call is a valid call, text is text."""
 
+import collections
 import json
 from pathlib import Path
 
+import httpx
 import jsonschema
 import pytest
 
@@ -19,12 +21,13 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLengt
            "required": ["city"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city.",
                                            "parameters": WEATHER}}]
+Served = collections.namedtuple("Served", "name engine client url")
 OPENERS = {"hermes": "<tool_call>", "llama3": '{"name"', "mistral": "[TOOL_CALLS]"}
 
 
 @pytest.fixture(scope="module", params=["hermes", "llama3", "mistral"])
 def served(request, model_file):
-    """(template name, engine, openai client): the default model with the template, behind a real HTTP server."""
+    """The default model with the template, behind a real HTTP server."""
     import openai
 
     template = TEMPLATES / f"{request.param}.jinja"
@@ -35,7 +38,7 @@ def served(request, model_file):
         try:
             server.wait_ready()
             with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
-                yield request.param, engine, client
+                yield Served(request.param, engine, client, server.url)
         finally:
             server.stop()
 
@@ -52,7 +55,7 @@ def assert_valid(calls):
 
 
 def test_the_template_is_recognised_and_names_the_revision(served):
-    name, engine, client = served
+    name, engine, client, url = served
     assert syntax_of(engine.chat_template()).name == name
     assert engine.info.extra["chat_template_file"].endswith(f"{name}.jinja")
     assert engine.info.revision != engine.info.sha256[:12]  # another template, another revision (cache keys)
@@ -60,7 +63,7 @@ def test_the_template_is_recognised_and_names_the_revision(served):
 
 
 def test_required_is_one_valid_call_whole_and_streamed(served):
-    name, engine, client = served
+    name, engine, client, url = served
     kwargs = dict(model=engine.info.name, messages=ask("What is the weather in Paris?"), tools=TOOLS,
                   tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=60)
     choice = client.chat.completions.create(**kwargs).choices[0]
@@ -76,7 +79,7 @@ def test_required_is_one_valid_call_whole_and_streamed(served):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_is_text_or_valid_calls_never_a_broken_call(served, stream):
-    name, engine, client = served
+    name, engine, client, url = served
     reply = client.chat.completions.create(
         model=engine.info.name, messages=ask("What is the weather in Paris? Use the tool."), tools=TOOLS,
         temperature=0, max_tokens=80, stream=stream)
@@ -99,7 +102,7 @@ def test_auto_is_text_or_valid_calls_never_a_broken_call(served, stream):
 def test_a_tool_loop_runs_through_the_template(served):
     """Call (required, as the first turn of an agent that must look something up), the result back, then "auto" until
     the model answers in text: the template renders the call and its result, and the loop ends."""
-    name, engine, client = served
+    name, engine, client, url = served
     messages = ask("What is the weather in Paris?")
     for rounds in range(4):
         choice = client.chat.completions.create(
@@ -116,7 +119,7 @@ def test_a_tool_loop_runs_through_the_template(served):
 
 
 def test_history_calls_and_results_are_written_by_the_template(served):
-    name, engine, _ = served
+    name, engine, client, url = served
     history = [{"role": "user", "content": "Weather in Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_0123456789abcdef", "type": "function",
                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -128,6 +131,8 @@ def test_history_calls_and_results_are_written_by_the_template(served):
                "llama3": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
                "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "'}[name]
     assert written in prompt and "sunny, 21 C" in prompt and '"description": "The current weather' in prompt
+    counted = httpx.post(f"{url}/tokenize", json={"messages": history}, timeout=30).json()["count"]
+    assert counted == len(engine.render(messages))  # /tokenize counts tool turns as the chat sends them
     if name == "mistral":  # its template refuses ids other than 9 letters and digits: mapped, the same both times
         call_id = prompt.split(written)[1][:9]
         assert call_id.isalnum() and f'[TOOL_RESULTS]{{"call_id": "{call_id}"' in prompt
