@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .api import meta, tokens
+from .api.anthropic import routes as anthropic_api
 from .api.native import infer
 from .api.openai import routes as openai_api
 from .config import Settings
@@ -60,6 +61,7 @@ def build_app(
     routes += meta.routes(service, routes)
     routes += infer.routes(service)
     routes += openai_api.routes(service)
+    routes += anthropic_api.routes(service)
     routes += tokens.routes(service)
     limited = frozenset(route.template for route in routes if route.limited)
 

@@ -30,6 +30,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 0.7
     top_p: float = 1.0
+    top_k: int | None = None  # sample from the k most likely tokens only (None: llama.cpp's default, 40)
     stop: tuple[str, ...] = ()
     seed: int | None = None
     # OpenAI's penalties on tokens already generated (-2 .. 2; 0 = off) and the common extension
@@ -205,6 +206,9 @@ class Generation(Protocol):
     tool_calls: list[dict[str, Any]]
     # Prompt tokens taken from a cached prefix instead of evaluated (0 where nothing is cached).
     reused_prompt_tokens: int
+    # The stop sequence that ended the answer (finish_reason "stop"), None when the model ended it or the engine
+    # cannot tell (an upstream's).
+    stop_sequence: str | None
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 

@@ -67,6 +67,7 @@ class UpstreamGeneration:
         self.logprobs: list[TokenLogprob] = []
         self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
         self.reused_prompt_tokens = 0  # the upstream's prefix cache is its own business
+        self.stop_sequence: str | None = None  # vLLM says which one matched (`stop_reason`); others do not
         self.reasoning = ""  # a reasoning model's reasoning_content (or reasoning), as far as it has come
         self._reasoning_sent = 0
         self._response = response
@@ -148,6 +149,7 @@ class UpstreamGeneration:
         self._usage(data.get("usage"))
         if text:
             yield text
+        self.stop_sequence = _stop_sequence(choice)
         self.finish_reason = _finish(choice.get("finish_reason"))
 
     async def _read_stream(self) -> AsyncIterator[str]:
@@ -177,9 +179,16 @@ class UpstreamGeneration:
                     yield text
                 if choice.get("finish_reason"):
                     finish = _finish(choice["finish_reason"])
+                    self.stop_sequence = _stop_sequence(choice)
         if self._cancelled:
             return
         self.finish_reason = finish
+
+
+def _stop_sequence(choice: dict[str, Any]) -> str | None:
+    """vLLM's `stop_reason`: the stop string that ended the answer (an int is a stop token's id: not a string)."""
+    reason = choice.get("stop_reason")
+    return reason if isinstance(reason, str) else None
 
 
 def _reasoning(message: dict[str, Any]) -> str:
@@ -331,6 +340,8 @@ class UpstreamEngine:
             payload["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if params.repetition_penalty != 1.0:
             payload["repetition_penalty"] = params.repetition_penalty
+        if params.top_k is not None:  # an extension vLLM, llama.cpp's server and Ollama accept
+            payload["top_k"] = params.top_k
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
         if request.messages is not None:

@@ -1,4 +1,5 @@
-"""API keys: with API_KEYS set, the API paths need `Authorization: Bearer <key>`; the rest stays open."""
+"""API keys: with API_KEYS set, the API paths need `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`);
+the rest stays open."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from ..web.http import ASGIApp, Receive, Scope, Send
 from ..web.state import state
 
 AUTHORIZATION = b"authorization"
+X_API_KEY = b"x-api-key"  # Anthropic's SDKs send the key this way
 PROTECTED_PREFIXES = ("/v1/", "/api/v1/", "/tokenize", "/detokenize")
 
 
 def _bearer(scope: Scope) -> str | None:
+    """The request's key: `Authorization: Bearer <key>`, else `x-api-key: <key>`."""
+    found = None
     for name, value in scope["headers"]:
         if name == AUTHORIZATION:
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
-    return None
+        if name == X_API_KEY:
+            found = value.decode("latin-1").strip()
+    return found
 
 
 def auth(app: ASGIApp, *, keys: tuple[str, ...]) -> ASGIApp:
@@ -33,7 +39,8 @@ def auth(app: ASGIApp, *, keys: tuple[str, ...]) -> ASGIApp:
             return
         token = _bearer(scope)
         if token is None:
-            raise HTTPError(401, "missing_api_key", "this endpoint needs an API key: Authorization: Bearer <key>",
+            raise HTTPError(401, "missing_api_key", "this endpoint needs an API key: Authorization: Bearer <key> "
+                            "(or x-api-key: <key>)",
                             headers={"WWW-Authenticate": "Bearer"})
         candidate = token.encode()
         # Compare with every key, always: how long this takes must not depend on which key came close.

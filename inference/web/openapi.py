@@ -24,6 +24,7 @@ ERROR_DESCRIPTIONS = {
     502: "The upstream failed",
     503: "Not ready or overloaded; see Retry-After",
     504: "The upstream timed out",
+    529: "Overloaded (Anthropic's status for it); see Retry-After",
 }
 
 

@@ -154,14 +154,18 @@ def note_caller(request: Request, body: SamplingFields) -> None:
     """Who the end user is (`user`, else `safety_identifier`) into the request log and the server span; a chat's
     `prompt_cache_key` and `metadata` onto the span."""
     span = trace.get_current_span()
-    user = body.user or getattr(body, "safety_identifier", None)
-    if user:
-        state(request.scope).user = user[:256]
-        span.set_attribute("user.id", user[:256])
+    note_user(request, body.user or getattr(body, "safety_identifier", None))
     if getattr(body, "prompt_cache_key", None):
         span.set_attribute("inference.prompt_cache_key", body.prompt_cache_key)  # type: ignore[attr-defined]
     for key, value in (getattr(body, "metadata", None) or {}).items():
         span.set_attribute(f"inference.metadata.{key}", value)
+
+
+def note_user(request: Request, user: str | None) -> None:
+    """The end user (any dialect's name for them) into the request log and onto the server span."""
+    if user:
+        state(request.scope).user = user[:256]
+        trace.get_current_span().set_attribute("user.id", user[:256])
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:

@@ -106,6 +106,7 @@ class LlamaGeneration:
         self.prompt_tokens = len(request.fields["tokens"])
         self.completion_tokens = 0
         self.reused_prompt_tokens = 0
+        self.stop_sequence: str | None = None
         self.finish_reason: FinishReason | None = None
         self.logprobs: list[TokenLogprob] = []
         self.reasoning = ""  # the embedded models do not reason
@@ -144,6 +145,7 @@ class LlamaGeneration:
             self.finish_reason = item.finish_reason
             self.completion_tokens = item.completion_tokens
             self.reused_prompt_tokens = item.reused_prompt_tokens
+            self.stop_sequence = item.stop_sequence
             raise StopAsyncIteration
         raise item
 

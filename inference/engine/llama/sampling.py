@@ -179,7 +179,7 @@ def _add_filters(chain: Any, params: SamplingParams, n_vocab: int, *, narrow: bo
             *(C.llama_logit_bias(token, bias) for token, bias in params.logit_bias))
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     if params.temperature > 0 or narrow:
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(TOP_K))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(params.top_k or TOP_K))
     if params.temperature > 0:
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(params.top_p, 1))
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_min_p(MIN_P, 1))

@@ -28,6 +28,7 @@ class Finished:
     finish_reason: FinishReason | None
     completion_tokens: int
     reused_prompt_tokens: int
+    stop_sequence: str | None = None  # the stop sequence that ended it, if one did
 
 
 @dataclass(eq=False)
@@ -61,6 +62,7 @@ class Sequence:
     id: int = 0  # the HTTP side's name for it
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
+    _stopped_by: str | None = None
 
     @property
     def reserved(self) -> int:
@@ -88,8 +90,9 @@ class Sequence:
         self._held += self._decoder.decode(piece)
         stops = self.params.stop
         if stops:
-            cut = find_stop(self._held, stops)
-            if cut is not None:
+            found = find_stop(self._held, stops)
+            if found is not None:
+                cut, self._stopped_by = found
                 self._held = self._held[:cut]
                 return True
             keep = partial_stop(self._held, stops)
@@ -108,11 +111,12 @@ class Sequence:
             if self._held:
                 self.emit(self._held)
         self._held = ""
-        self.emit(Finished(reason, self.produced, self.reused))
+        self.emit(Finished(reason, self.produced, self.reused, self._stopped_by if stopped else None))
 
 
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Where the first stop sequence in `text` begins, and which it is."""
+    found = [(i, s) for i, s in ((text.find(s), s) for s in stops if s) if i >= 0]
     return min(found) if found else None
 
 
