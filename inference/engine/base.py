@@ -67,6 +67,9 @@ class GenerationRequest:
     prompt: str | None = None
     # OpenAI's tool list as JSON, for the embedded engine's chat template when it writes tools into the prompt.
     tools: str | None = None
+    # The start of the assistant's answer (a prefill: vLLM's continue_final_message, Anthropic's trailing assistant
+    # turn): written after the chat template's assistant cue, and the answer continues it.
+    prefill: str | None = None
     # A hint: the caller wants the pieces as they come. A remote engine may fetch the whole answer at once.
     stream: bool = True
     # Who asked (API key or address): the embedded engine's queue takes clients in turn.

@@ -347,6 +347,8 @@ class UpstreamEngine:
         if request.messages is not None:
             kind = "chat"
             payload["messages"] = [_message(m) for m in request.messages]
+            if request.prefill is not None:  # the upstream continues it (continue_final_message, forwarded)
+                payload["messages"].append({"role": "assistant", "content": request.prefill})
             if params.logprobs is not None:
                 payload["logprobs"], payload["top_logprobs"] = True, params.logprobs
         else:

@@ -38,6 +38,17 @@ MAX_UNKNOWN_FORMATS = 8
 # A number a schema leaves unbounded gets at most 16 digits before its point (as llama.cpp's own converter did): a
 # small model otherwise writes "1111..." until max_tokens. The answer still matches the schema.
 NUMBER_BOUND = 10 ** 16 - 1
+# Every keyword of JSON Schema's drafts (4 to 2020-12); any other key asserts nothing (the specification has it ignored)
+# and is left out before compiling.
+KEYWORDS = {"$schema", "$id", "id", "$ref", "$defs", "definitions", "$anchor", "$dynamicRef", "$dynamicAnchor",
+            "$recursiveRef", "$recursiveAnchor", "$vocabulary", "type", "enum", "const", "multipleOf", "maximum",
+            "exclusiveMaximum", "minimum", "exclusiveMinimum", "maxLength", "minLength", "pattern", "format",
+            "maxItems", "minItems", "uniqueItems", "maxContains", "minContains", "maxProperties", "minProperties",
+            "required", "dependentRequired", "dependencies", "items", "prefixItems", "additionalItems", "contains",
+            "properties", "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
+            "unevaluatedProperties", "dependentSchemas", "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
+            "contentEncoding", "contentMediaType", "contentSchema"}
+UPPER_BOUNDS, LOWER_BOUNDS = ("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")
 # Where subschemas sit: keyword -> a schema, a list of schemas, or a name -> schema object (to prepare a schema and
 # to say where a refused keyword is); values under other keywords (enum, const, default, examples) are data.
 SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "if": "one", "then": "one",
@@ -153,7 +164,10 @@ def _compiled(schema_json: str) -> tuple[str, str]:
     schema, unknown = json.loads(schema_json), frozenset[str]()
     while True:
         prepared = _prepared(schema, unknown)
-        grammar = LLMatcher.grammar_from_json_schema(prepared, overrides=JSON_OPTIONS)  # type: ignore
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(prepared, overrides=JSON_OPTIONS)  # type: ignore
+        except ValueError as exc:  # a value llguidance cannot read (an integer beyond 64 bits, ...)
+            raise _refuse(f'"json_schema.schema" cannot be enforced: {exc}') from None
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
         if not failed:
             return json.dumps(prepared), grammar
@@ -170,13 +184,15 @@ def _prepared(schema: Any, dropped_formats: frozenset[str] = frozenset()) -> Any
       recursive schema llguidance would refuse them as sibling keys;
     - a `oneOf` whose branches only name types is the types named by exactly one branch (the Kubernetes
       int-or-string `oneOf: [{"type": ["string", "null"]}, {"type": ["number", "null"]}]` is string or number);
-    - a number the schema leaves unbounded gets at most 16 digits before its point (NUMBER_BOUND);
+    - a number the schema leaves unbounded gets at most 16 digits before its point (NUMBER_BOUND), and a bound
+      beyond that is brought to it (a bound past 64 bits is one the grammar engine cannot read);
+    - keys that are no keyword of any draft are left out: they assert nothing;
     - `dropped_formats`: formats llguidance does not know, which JSON Schema makes annotations by default."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
     for name, sub in schema.items():
-        if name in ANNOTATIONS or name.startswith("x-") or (name == "format" and sub in dropped_formats):
+        if (name in ANNOTATIONS or name not in KEYWORDS or (name == "format" and sub in dropped_formats)):
             continue
         kind = SUBSCHEMAS.get(name)
         if kind == "one":
@@ -185,6 +201,10 @@ def _prepared(schema: Any, dropped_formats: frozenset[str] = frozenset()) -> Any
             out[name] = [_prepared(item, dropped_formats) for item in sub]
         elif kind == "map" and isinstance(sub, dict):
             out[name] = {key: _prepared(item, dropped_formats) for key, item in sub.items()}
+        elif name in UPPER_BOUNDS and _number(sub) and sub > NUMBER_BOUND:
+            out[name] = NUMBER_BOUND
+        elif name in LOWER_BOUNDS and _number(sub) and sub < -NUMBER_BOUND:
+            out[name] = -NUMBER_BOUND
         else:
             out[name] = sub
     exclusive = _exclusive_types(schema.get("oneOf"))  # judged on the branches as written
@@ -198,6 +218,34 @@ def _prepared(schema: Any, dropped_formats: frozenset[str] = frozenset()) -> Any
         if "maximum" not in out and "exclusiveMaximum" not in out:
             out["maximum"] = NUMBER_BOUND
     return out
+
+
+def shown(schema: Any) -> str:
+    """A schema as the model is shown it in a prompt: its keywords and annotations (descriptions help the model),
+    without keys no draft knows, compact, characters as they are."""
+    def keep(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for name, sub in node.items():
+            if name not in KEYWORDS and name not in ANNOTATIONS:
+                continue
+            kind = SUBSCHEMAS.get(name)
+            if kind == "one":
+                out[name] = keep(sub)
+            elif kind == "list" and isinstance(sub, list):
+                out[name] = [keep(item) for item in sub]
+            elif kind == "map" and isinstance(sub, dict):
+                out[name] = {key: keep(item) for key, item in sub.items()}
+            else:
+                out[name] = sub
+        return out
+
+    return json.dumps(keep(schema), ensure_ascii=False)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _exclusive_types(branches: Any) -> list[str] | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..web.errors import HTTPError
-from .structured import StructuredOutput, parse_response_format, violation_of
+from .structured import StructuredOutput, parse_response_format, shown, violation_of
 from .tool_syntax import NativeText, NativeTools
 
 
@@ -133,9 +133,11 @@ def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = 
                                      '{"name": ...}}')
     if not tools and tool_choice not in (None, "none", "auto"):
         raise _refuse("tool_choice", f"{json.dumps(tool_choice)} needs tools to choose from")
-    if not tools or tool_choice == "none":
+    if not tools:
         return None
-    functions = _functions(tools)
+    functions = _functions(tools)  # checked even when none is to be called
+    if tool_choice == "none":
+        return None
     auto = tool_choice in (None, "auto")
     if auto:
         chosen = list(functions)
@@ -153,7 +155,7 @@ def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = 
     if len(chosen) == 1:
         schema = functions[chosen[0]]["parameters"]
         instruction = (f"Call the function {chosen[0]}: {functions[chosen[0]]['description']}\n"
-                       f"Answer only with its arguments, a JSON object matching this schema: {json.dumps(schema)}")
+                       f"Answer only with its arguments, a JSON object matching this schema: {shown(schema)}")
     else:
         schema = _call_schema(functions, chosen)
         instruction = ("Call one of these functions:\n" + _listing(functions) +
@@ -200,7 +202,7 @@ def _call_schema(functions: dict[str, dict[str, Any]], names: list[str]) -> dict
 
 
 def _listing(functions: dict[str, dict[str, Any]]) -> str:
-    return "\n".join(f"- {n}: {f['description']} Arguments: {json.dumps(f['parameters'])}"
+    return "\n".join(f"- {n}: {f['description']} Arguments: {shown(f['parameters'])}"
                      for n, f in functions.items())
 
 

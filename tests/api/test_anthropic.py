@@ -53,6 +53,30 @@ def events(url, body):
     return out
 
 
+def test_every_field_and_block_is_used_or_refused_and_in_the_readme():
+    import dataclasses
+    import re
+
+    from conftest import ROOT
+
+    from inference.api.anthropic.schemas import FIELDS, CountTokensRequest, MessagesRequest
+
+    table = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.match(r"\| `([a-z_]+)` \| (messages|count_tokens|block) \| ((?:used|refused)[^|]*) \| ([^|]+) \|",
+                         line)
+        if match:
+            table[(match[2], match[1])] = (match[3].strip(), match[4].strip())
+    for kind, schema in (("messages", MessagesRequest), ("count_tokens", CountTokensRequest)):
+        assert {f.name for f in dataclasses.fields(schema)} == set(FIELDS[kind]), kind
+    for kind, fates in FIELDS.items():
+        for name, fate in fates.items():
+            assert fate.embedded in ("used", "refused") and fate.gateway == fate.embedded, (kind, name)
+            assert fate.embedded == "used" or fate.why, f"{kind}.{name}: a refusal must say why"
+            embedded, gateway = table[(kind, name)]
+            assert embedded.startswith(fate.embedded) and gateway.startswith(fate.gateway), (kind, name)
+
+
 def test_a_message_in_anthropic_shape(client, model):
     message = client.messages.create(model=model, max_tokens=24, messages=ask("What is the capital of France?"),
                                      system="You answer briefly.", metadata={"user_id": "user-7"}, **greedy())
@@ -128,6 +152,17 @@ def test_a_tool_loop_with_auto_runs_end_to_end(client, model):
     assert message.stop_reason in ("end_turn", "max_tokens") and message.content[0].type == "text"
 
 
+def test_a_last_assistant_turn_is_a_prefill_the_answer_continues(client, model, openai_client):
+    """Anthropic's prefill: the answer continues the assistant's text, as OpenAI's continue_final_message does."""
+    history = [*ask("Count from one to ten in words."), {"role": "assistant", "content": "One, two, three,"}]
+    message = client.messages.create(model=model, max_tokens=12, messages=history, **greedy())
+    chat = openai_client.chat.completions.create(
+        model=model, messages=history, max_tokens=12, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert message.content[0].text == chat.choices[0].message.content
+    assert message.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def test_count_tokens_counts_what_create_evaluates(client, model):
     kwargs = dict(model=model, messages=ask("What is the weather in Paris?"), tools=TOOLS, system="Be brief.")
     counted = client.messages.count_tokens(**kwargs).input_tokens
@@ -156,8 +191,6 @@ def test_output_config_format_is_enforced(client, model):
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, 400, "invalid_request_error", "thinking"),
     ({"some_future_field": 1}, 400, "invalid_request_error", "some_future_field"),
     ({"max_tokens": None}, 400, "invalid_request_error", "max_tokens"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]}, 400,
-     "invalid_request_error", "prefill"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error", "server tool"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]}, 400,
      "invalid_request_error", "assistant"),

@@ -333,3 +333,29 @@ def test_an_upstream_models_reasoning_comes_back(reasoning_upstream):
     native = httpx.post(f"{gateway.url}/api/v1/infer", json={"prompt": "What is 2+2?", "max_tokens": 50},
                         timeout=30).json()
     assert (native["output"], native["reasoning"]) == ("4", "2 and 2 make 4.")  # the native API's chat, upstream
+
+
+def test_anthropic_messages_through_the_gateway(gateway, live, model_id):
+    """The gateway translates /v1/messages into the upstream's chat completions and back: the same answer as the
+    upstream gives to the same Anthropic request, streamed or not; a tool use comes back as a tool_use block."""
+    import anthropic
+
+    kwargs = dict(model=model_id, max_tokens=20, messages=ask("What is 2+2?"), extra_body={"temperature": 0})
+    with anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0) as via, \
+            anthropic.Anthropic(base_url=live.url, api_key="x", max_retries=0) as direct:
+        through, straight = via.messages.create(**kwargs), direct.messages.create(**kwargs)
+        assert through.content[0].text == straight.content[0].text and through.stop_reason == straight.stop_reason
+        assert (through.usage.input_tokens, through.usage.output_tokens) == (
+            straight.usage.input_tokens, straight.usage.output_tokens)
+        with via.messages.stream(**kwargs) as stream:
+            assert "".join(stream.text_stream) == straight.content[0].text
+        tool = {"name": "get_weather", "description": "Weather in a city.",
+                "input_schema": WEATHER_TOOL["function"]["parameters"]}
+        named = dict(kwargs, messages=ask("What's the weather in Paris?"), max_tokens=40, tools=[tool],
+                     tool_choice={"type": "tool", "name": "get_weather"})
+        used, expected = via.messages.create(**named), direct.messages.create(**named)
+        assert used.stop_reason == "tool_use" and [(b.name, b.input) for b in used.content] == [
+            (b.name, b.input) for b in expected.content]
+        with pytest.raises(anthropic.APIStatusError) as unsupported:  # the upstream's tokenizer is not here
+            via.messages.count_tokens(model=model_id, messages=ask("Hi"))
+        assert unsupported.value.status_code == 501 and unsupported.value.body["type"] == "error"

@@ -15,39 +15,47 @@ from ..openai.schemas import Fate
 MAX_STOP_SEQUENCES = 4  # each is matched against the text held back after every token
 CACHE_CONTROL = {"type": "object", "nullable": True, "description": "A prompt-caching hint: accepted; prompt "
                                                                   "prefixes are reused automatically here."}
-TEXT_BLOCK = {"type": "object", "required": ["type", "text"], "properties": {
+TEXT_BLOCK = {"type": "object", "required": ["type", "text"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}, "cache_control": CACHE_CONTROL,
     "citations": {"nullable": True, "type": "array", "maxItems": 0}}}
-TOOL_USE_BLOCK = {"type": "object", "required": ["type", "id", "name", "input"], "properties": {
+TOOL_USE_BLOCK = {"type": "object", "required": ["type", "id", "name", "input"], "additionalProperties": False,
+                  "properties": {
     "type": {"type": "string", "enum": ["tool_use"]}, "id": {"type": "string", "minLength": 1},
     "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "input": {"type": "object"},
     "cache_control": CACHE_CONTROL}}
-TOOL_RESULT_BLOCK = {"type": "object", "required": ["type", "tool_use_id"], "properties": {
+TOOL_RESULT_BLOCK = {"type": "object", "required": ["type", "tool_use_id"], "additionalProperties": False,
+                     "properties": {
     "type": {"type": "string", "enum": ["tool_result"]}, "tool_use_id": {"type": "string", "minLength": 1},
-    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]},
+    "content": {"nullable": True, "anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]},
     "is_error": {"type": "boolean", "nullable": True}, "cache_control": CACHE_CONTROL}}
 SYSTEM_SCHEMA = {"nullable": True, "anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]}
-TOOL_SCHEMA = {"type": "object", "required": ["name", "input_schema"], "properties": {
-    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "description": {"type": "string"},
+TOOL_SCHEMA = {"type": "object", "required": ["name", "input_schema"], "additionalProperties": False, "properties": {
+    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "description": {"type": "string", "nullable": True},
     "input_schema": {"type": "object", "description": "A JSON Schema for the input (README: structured output; a "
                                                       "keyword the grammar cannot enforce is a 400)."},
-    "type": {"type": "string", "nullable": True, "enum": ["custom"]}, "cache_control": CACHE_CONTROL,
-    "strict": {"type": "boolean"}, "eager_input_streaming": {"type": "boolean", "nullable": True},
-    "input_examples": {"type": "array", "items": {"type": "object"}}}}
-# A client tool's fields: what each becomes (translate.py).
-TOOL_FIELDS = {"name", "description", "input_schema", "type", "cache_control", "strict", "eager_input_streaming",
-               "input_examples"}
+    "type": {"type": "string", "nullable": True, "enum": ["custom", None]}, "cache_control": CACHE_CONTROL,
+    "strict": {"type": "boolean", "nullable": True}, "eager_input_streaming": {"type": "boolean", "nullable": True},
+    "input_examples": {"type": "array", "nullable": True, "items": {"type": "object"}}}}
+# The fields of a client tool and of each content block this service reads (translate.py); others are refused.
+TOOL_FIELDS = set(TOOL_SCHEMA["properties"])
+BLOCK_FIELDS = {"text": set(TEXT_BLOCK["properties"]), "tool_use": set(TOOL_USE_BLOCK["properties"]),
+                "tool_result": set(TOOL_RESULT_BLOCK["properties"])}
 TOOL_CHOICE_SCHEMA = {"nullable": True, "type": "object", "required": ["type"], "properties": {
     "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
     "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
-    "disable_parallel_tool_use": {"type": "boolean"}}}
+    "disable_parallel_tool_use": {"type": "boolean"}}, "anyOf": [
+        {"properties": {"type": {"enum": ["auto", "any", "none"]}}},
+        {"required": ["name"], "properties": {"type": {"enum": ["tool"]}}}]}
 
 
 @dataclass(frozen=True)
 class AnthropicMessage:
-    json_schema_extra: ClassVar[dict[str, Any]] = {"properties": {"content": {"anyOf": [
-        {"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [
-            TEXT_BLOCK, TOOL_USE_BLOCK, TOOL_RESULT_BLOCK]}}]}}}
+    # A user's blocks are text and tool results, an assistant's text and tool uses.
+    json_schema_extra: ClassVar[dict[str, Any]] = {"anyOf": [
+        {"properties": {"role": {"enum": ["user"]}, "content": {"anyOf": [
+            {"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [TEXT_BLOCK, TOOL_RESULT_BLOCK]}}]}}},
+        {"properties": {"role": {"enum": ["assistant"]}, "content": {"anyOf": [
+            {"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [TEXT_BLOCK, TOOL_USE_BLOCK]}}]}}}]}
 
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]] = field(metadata=spec(
@@ -65,11 +73,24 @@ class CountTokensRequest:
         "output_config": {"nullable": True, "type": "object", "properties": {
             "format": {"nullable": True, "type": "object", "required": ["type", "schema"], "properties": {
                 "type": {"type": "string", "enum": ["json_schema"]}, "schema": {"type": "object"}}},
-            "effort": {"nullable": True, "enum": [None]}}},
-        "speed": {"nullable": True, "type": "string", "enum": ["standard"]},
-        "thinking": {"nullable": True, "type": "object", "required": ["type"],
+            "effort": {"nullable": True, "enum": [None]}}, "additionalProperties": False},
+        "speed": {"nullable": True, "type": "string", "enum": ["standard", None]},
+        "thinking": {"nullable": True, "type": "object", "required": ["type"], "additionalProperties": False,
                      "properties": {"type": {"type": "string", "enum": ["disabled"]}}},
-        "mcp_servers": {"nullable": True, "type": "array", "maxItems": 0}}}
+        "inference_geo": {"nullable": True, "enum": [None]}, "workspace_id": {"nullable": True, "enum": [None]},
+        "mcp_servers": {"nullable": True, "type": "array", "maxItems": 0}},
+        "allOf": [{"anyOf": [  # "any" or a named tool needs tools
+            {"not": {"required": ["tool_choice"]}},
+            {"properties": {"tool_choice": {"nullable": True, "properties": {"type": {"enum": ["auto", "none"]}}}}},
+            {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}]},
+            {"anyOf": [  # an output format, or tools to call: not both (README: Anthropic)
+                {"not": {"required": ["output_config"]}},
+                {"properties": {"output_config": {"nullable": True, "properties": {
+                    "format": {"nullable": True, "enum": [None]}}}}},
+                {"not": {"required": ["tools"]}},
+                {"properties": {"tools": {"nullable": True, "type": "array", "maxItems": 0}}},
+                {"required": ["tool_choice"], "properties": {"tool_choice": {"type": "object", "required": ["type"],
+                                                                             "properties": {"type": {"enum": ["none"]}}}}}]}]}
 
     model: str = field(metadata=spec(min_length=1, description="The id listed by GET /v1/models."))
     messages: list[AnthropicMessage] = field(metadata=spec(min_items=1))
@@ -95,11 +116,11 @@ class CountTokensRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class MessagesRequest(CountTokensRequest):
-    json_schema_extra: ClassVar[dict[str, Any]] = {"properties": {
+    json_schema_extra: ClassVar[dict[str, Any]] = {**CountTokensRequest.json_schema_extra, "properties": {
         **CountTokensRequest.json_schema_extra["properties"],
         "metadata": {"nullable": True, "type": "object", "properties": {
             "user_id": {"type": "string", "nullable": True, "maxLength": 256}}, "additionalProperties": False},
-        "service_tier": {"nullable": True, "type": "string", "enum": ["auto", "standard_only"]},
+        "service_tier": {"nullable": True, "type": "string", "enum": ["auto", "standard_only", None]},
         "container": {"nullable": True, "enum": [None]},
         "context_management": {"nullable": True, "enum": [None]},
         "diagnostics": {"nullable": True, "enum": [None]}}}

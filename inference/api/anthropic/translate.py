@@ -12,10 +12,11 @@ from typing import Any, Mapping
 
 from ...config import Settings
 from ...serving.tool_syntax import NativeTools
+from ...serving.tools import FUNCTION_NAME as TOOL_NAME
 from ...web.errors import HTTPError
 from ...web.validation import from_json
 from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat
-from .schemas import FIELDS, TOOL_FIELDS, AnthropicMessage, CountTokensRequest, MessagesRequest
+from .schemas import BLOCK_FIELDS, FIELDS, TOOL_FIELDS, AnthropicMessage, CountTokensRequest, MessagesRequest
 
 DEFAULT_TEMPERATURE = 1.0  # Anthropic's
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # "tool" names one: OpenAI's named function
@@ -35,13 +36,23 @@ def parse(raw: Any, schema: type, overrides: Overrides) -> Any:
                             "Anthropic fields)", field=name)
     body = from_json(schema, raw, overrides=overrides)
     for i, message in enumerate(body.messages):
+        if message.content == []:
+            raise _invalid(f"messages[{i}].content", "must be a string or at least one content block")
         for j, block in enumerate(message.content if isinstance(message.content, list) else ()):
             _check_block(block, message.role, f"messages[{i}].content[{j}]")
     for j, block in enumerate(body.system if isinstance(body.system, list) else ()):
         _check_block(block, "system", f"system[{j}]")
-    if body.messages[-1].role != "user":
-        raise _invalid(f"messages[{len(body.messages) - 1}].role", "the last message must be the user's (an "
-                       "assistant prefill is not supported)")
+    for name, value in (body.metadata or {}).items() if isinstance(body, MessagesRequest) else ():
+        if name != "user_id":
+            raise HTTPError(400, "unsupported_parameter", f"metadata.{name}: not a field this server knows (only "
+                            "user_id)", field=f"metadata.{name}")
+        if value is not None and not (isinstance(value, str) and len(value) <= 256):
+            raise _invalid("metadata.user_id", "must be a string of at most 256 characters, or null")
+    choice = body.tool_choice or {}
+    if "name" in choice and not (isinstance(choice["name"], str) and TOOL_NAME.fullmatch(choice["name"])):
+        raise _invalid("tool_choice.name", "must be 1 to 64 letters, digits, _ or -")
+    if "disable_parallel_tool_use" in choice and not isinstance(choice["disable_parallel_tool_use"], bool):
+        raise _invalid("tool_choice.disable_parallel_tool_use", "must be true or false")
     config = body.output_config or {}
     if config.get("effort") is not None:
         raise HTTPError(400, "unsupported_parameter", "output_config.effort: only null (this model does not reason)",
@@ -61,21 +72,46 @@ def _check_block(block: Any, role: str, where: str) -> None:
     if fate.embedded == "refused":
         raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} blocks are not supported ({fate.why})",
                         field=f"{where}.type")
+    for name, value in block.items():
+        if name not in BLOCK_FIELDS[kind]:
+            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} block this server "
+                            "reads", field=f"{where}.{name}")
+    _check_common(block, where)
     allowed = {"text": ("user", "assistant", "system"), "tool_use": ("assistant",), "tool_result": ("user",)}[kind]
     if role not in allowed:
         raise _invalid(f"{where}.type", f"a {kind} block belongs in {' or '.join(allowed)} content, not {role}'s")
     if kind == "text" and not isinstance(block.get("text"), str):
         raise _invalid(f"{where}.text", "must be a string")
-    if kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
-                                   and isinstance(block.get("input"), dict)):
-        raise _invalid(where, 'a tool_use block needs "id", "name" (strings) and "input" (an object)')
+    if kind == "tool_use" and not (isinstance(block.get("id"), str) and block["id"] and isinstance(block.get("input"), dict)
+                                   and isinstance(block.get("name"), str) and TOOL_NAME.fullmatch(block["name"])):
+        raise _invalid(where, 'a tool_use block needs "id" (a string), "name" (1 to 64 letters, digits, _ or -) and '
+                              '"input" (an object)')
     if kind == "tool_result":
-        if not isinstance(block.get("tool_use_id"), str):
-            raise _invalid(f"{where}.tool_use_id", "must be a string")
+        if not (isinstance(block.get("tool_use_id"), str) and block["tool_use_id"]):
+            raise _invalid(f"{where}.tool_use_id", "must be a non-empty string")
         content = block.get("content")
         if not (content is None or isinstance(content, str) or isinstance(content, list) and all(
-                isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in content)):
+                isinstance(b, dict) and b.get("type") == "text" for b in content)):
             raise _invalid(f"{where}.content", "must be a string or text blocks")
+        for k, inner in enumerate(content if isinstance(content, list) else ()):
+            _check_block(inner, "user", f"{where}.content[{k}]")
+
+
+def _check_common(item: dict[str, Any], where: str) -> None:
+    """The optional fields blocks and tools share: a cache hint (an object), citations (none), flags (booleans)."""
+    if item.get("cache_control") is not None and not isinstance(item["cache_control"], dict):
+        raise _invalid(f"{where}.cache_control", "must be an object or null")
+    citations = item.get("citations")
+    if citations is not None and not isinstance(citations, list):
+        raise _invalid(f"{where}.citations", "must be a list or null")
+    if citations:
+        raise HTTPError(400, "unsupported_parameter", f"{where}.citations: citations are not supported",
+                        field=f"{where}.citations")
+    for flag in ("is_error", "strict", "eager_input_streaming"):
+        if item.get(flag) is not None and not isinstance(item[flag], bool):
+            raise _invalid(f"{where}.{flag}", "must be true, false or null")
+    if item.get("description") is not None and not isinstance(item["description"], str):
+        raise _invalid(f"{where}.description", "must be a string")
 
 
 def _invalid(field: str, why: str) -> HTTPError:
@@ -90,6 +126,8 @@ def chat_request(body: CountTokensRequest) -> dict[str, Any]:
     for message in body.messages:
         messages += _turns(message)
     chat: dict[str, Any] = {"model": body.model, "messages": messages}
+    if body.messages[-1].role == "assistant" and not messages[-1].get("tool_calls"):  # a prefill: continued
+        chat.update(continue_final_message=True, add_generation_prompt=False)
     if isinstance(body, MessagesRequest):
         chat.update(max_tokens=body.max_tokens, stream=bool(body.stream),
                     temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature)
@@ -109,7 +147,7 @@ def chat_request(body: CountTokensRequest) -> dict[str, Any]:
         chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": output["schema"]}}
     choice = body.tool_choice
     if choice is not None:
-        kind = choice.get("type")
+        kind = choice.get("type") if isinstance(choice.get("type"), str) else None
         if kind == "tool":
             if not isinstance(choice.get("name"), str):
                 raise _invalid("tool_choice.name", 'must name a tool with {"type": "tool"}')
@@ -133,9 +171,14 @@ def _tool(tool: Any, index: int) -> dict[str, Any]:
     for name in tool:
         if name not in TOOL_FIELDS:
             raise HTTPError(400, "unsupported_parameter", f"tools[{index}].{name}: not supported here (a client "
-                            "tool has name, description, input_schema, cache_control, strict, input_examples)",
-                            field=f"tools[{index}].{name}")
-    function = {"name": tool.get("name"), "parameters": tool.get("input_schema", {"type": "object"})}
+                            f"tool has {', '.join(sorted(TOOL_FIELDS))})", field=f"tools[{index}].{name}")
+    _check_common(tool, f"tools[{index}]")
+    examples = tool.get("input_examples")
+    if examples is not None and not (isinstance(examples, list) and all(isinstance(e, dict) for e in examples)):
+        raise _invalid(f"tools[{index}].input_examples", "must be a list of objects")
+    if not isinstance(tool.get("input_schema"), dict):
+        raise _invalid(f"tools[{index}].input_schema", "is required: a JSON schema object for the tool's input")
+    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
     description = tool.get("description") or ""
     if tool.get("input_examples"):  # shown to the model with the description, as Anthropic shows them
         description += "\nExamples of input: " + "; ".join(json.dumps(e) for e in tool["input_examples"])

@@ -161,6 +161,13 @@ class ChatCompletionRequest(SamplingFields):
                 {"not": {"required": ["tool_choice"]}},
                 {"properties": {"tool_choice": {"enum": [None, "none", "auto"]}}},
                 {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}]},
+            {"anyOf": [  # a response format, or tools to call: not both
+                {"not": {"required": ["response_format"]}},
+                {"properties": {"response_format": {"enum": [None]}}},
+                {"properties": {"response_format": {"properties": {"type": {"enum": ["text"]}}}}},
+                {"not": {"required": ["tools"]}},
+                {"properties": {"tools": {"nullable": True, "type": "array", "maxItems": 0}}},
+                {"properties": {"tool_choice": {"enum": ["none"]}}, "required": ["tool_choice"]}]},
         ]}
     # The most messages is checked by the handler, not stated as maxItems: that many never fit a context anyway, and
     # a schema bound would make the fuzzer send exactly that many, a request no model could take.
@@ -179,6 +186,10 @@ class ChatCompletionRequest(SamplingFields):
         description='With "auto": whether an answer may call several functions (default true).'))
     safety_identifier: str | None = field(default=None, metadata=spec(
         max_length=256, description="The end user's id (OpenAI's successor to `user`): as `user`."))
+    continue_final_message: bool | None = field(default=None, metadata=spec(
+        description="Extension (vLLM): the last message is the assistant's answer begun; the answer continues it."))
+    add_generation_prompt: bool | None = field(default=None, metadata=spec(
+        description="Extension (vLLM): false only with continue_final_message (the default, true, otherwise)."))
     prompt_cache_key: str | None = field(default=None, metadata=spec(
         max_length=256, description="A caching hint: on the server span; prefix reuse here is automatic."))
     metadata: dict[str, str] | None = field(default=None, metadata=spec(
@@ -244,6 +255,10 @@ FIELDS: dict[str, dict[str, Fate]] = {
         "parallel_tool_calls": Fate("used", "forwarded", 'with "auto", false allows one call per answer, true (the '
                                     "default) up to 8; \"required\" and a named function make one call"),
         "safety_identifier": Fate("used", "forwarded", _RECORDED + " (`user` wins when both are sent)"),
+        "continue_final_message": Fate("used", "forwarded", "the last message must be the assistant's: the answer "
+                                       "continues its text (the `content` returned is the continuation)"),
+        "add_generation_prompt": Fate("used", "forwarded", "false with continue_final_message, true (the default) "
+                                      "otherwise: any other pairing is a 400"),
         "prompt_cache_key": Fate("used", "forwarded", "on the server span (`inference.prompt_cache_key`); the "
                                  "embedded engine reuses cached prompt prefixes by their tokens, with or without it"),
         "metadata": Fate("used", "forwarded", "each pair on the server span as `inference.metadata.<key>`"),

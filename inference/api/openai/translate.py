@@ -87,10 +87,21 @@ def translate_chat(raw: Any, body: ChatCompletionRequest, forwarded: dict[str, A
             tools = template_tools(body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise HTTPError(422, "validation_error", "top_logprobs: needs logprobs: true", field="top_logprobs")
+    prefill = None
+    if bool(body.continue_final_message) == (body.add_generation_prompt is not False):
+        raise HTTPError(422, "validation_error", "add_generation_prompt: false with continue_final_message: true, "
+                        "and only then", field="add_generation_prompt")
+    if body.continue_final_message:
+        last = body.messages[-1]
+        if last.role != "assistant" or last.tool_calls:
+            raise HTTPError(422, "validation_error", "messages: with continue_final_message the last message must be "
+                            "the assistant's text, which the answer continues", field="messages")
+        if embedded:  # an upstream gets the messages and the flag as they came
+            prefill, messages = messages[-1].content, messages[:-1]
     params = sampling(body, body.max_completion_tokens or body.max_tokens, grammar,
                       (body.top_logprobs or 0) if body.logprobs else None, forwarded, settings)
-    return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream), tools=tools),
-                      structured, plan, system)
+    return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream), tools=tools,
+                                        prefill=prefill), structured, plan, system)
 
 
 def translate_completion(body: CompletionRequest, forwarded: dict[str, Any], settings: Settings) -> Translated:

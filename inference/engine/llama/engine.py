@@ -568,6 +568,8 @@ class LlamaEngine:
             tools = json.loads(request.tools) if request.tools else None
             tokens = self.render(request.messages, tools=tools)
             boundaries = self._boundaries(request.messages, tokens, tools)
+            if request.prefill:
+                tokens = tokens + vocab.tokenize(request.prefill.encode(), add_bos=False, special=False)
         else:
             tokens = vocab.tokenize((request.prompt or "").encode(), add_bos=True, special=False)
             if not tokens:  # an empty prompt for a model that adds no BOS: start from BOS, as OpenAI allows ""
