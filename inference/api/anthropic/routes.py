@@ -26,7 +26,7 @@ from ..openai.translate import Translated, note_user
 from . import render
 from .dialect import ANTHROPIC
 from .schemas import AnthropicMessageResponse, CountTokensRequest, MessagesRequest, TokenCount
-from .translate import parse, translate
+from .translate import DEFAULT_TEMPERATURE, parse, translate
 
 
 def routes(service: Service) -> list[Route]:
@@ -38,28 +38,37 @@ def routes(service: Service) -> list[Route]:
             raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
                             f"'{service.model_id}' (GET /v1/models)", field="model")
 
-    async def prepared(request: Request, schema: type, overrides: Any) -> tuple[Any, Any, Translated]:
+    async def parsed(request: Request, schema: type, overrides: Any) -> tuple[Any, Any]:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = parse(raw, schema, overrides)
         check_model(body.model)
+        return raw, body
+
+    async def translated(body: Any) -> Translated:
         native = service.native_tools()
         # Tools may take a grammar compile (once per schema): off the event loop.
-        translated = (await asyncio.to_thread(translate, body, settings, native) if body.tools
-                      else translate(body, settings, native))
-        return raw, body, translated
+        if body.tools:
+            return await asyncio.to_thread(translate, body, settings, native)
+        return translate(body, settings, native)
 
     async def create_message(request: Request) -> Response:
-        raw, body, translated = await prepared(request, MessagesRequest, limit)
-        user = (body.metadata or {}).get("user_id")
+        raw, body = await parsed(request, MessagesRequest, limit)
+        user = (body.metadata or {}).get("user_id") or body.user_profile_id
         note_user(request, user if isinstance(user, str) else None)
         info = service.model()
+        # The cache key is the request as sent (known fields normalized, the default temperature spelled out) and the
+        # system prompt the service adds: a hit costs no translation.
         material = {"endpoint": state(request.scope).route, "model": service.model_id, "revision": info.revision,
                     "body": {**(raw if isinstance(raw, dict) else {}), **plain(body),
-                             "temperature": translated.generation.params.temperature}}
-        if translated.system is not None:
-            material["system_prompt"] = translated.system
+                             "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature}}
+        if settings.embedded and settings.chat_system_prompt and not body.system:
+            material["system_prompt"] = settings.system_prompt
         deterministic = body.temperature == 0
-        return await service.respond(request, material, deterministic, lambda: generate(request, body, translated))
+
+        async def produce() -> Response:
+            return await generate(request, body, await translated(body))
+
+        return await service.respond(request, material, deterministic, produce)
 
     async def generate(request: Request, body: MessagesRequest, translated: Translated) -> Response:
         if settings.log_prompts:
@@ -84,8 +93,8 @@ def routes(service: Service) -> list[Route]:
         if not isinstance(engine, Tokenizer):
             raise HTTPError(501, "not_supported", "the upstream backend has no tokenizer here; count tokens at the "
                                                   "upstream")
-        _, _, translated = await prepared(request, CountTokensRequest, {})
-        generation = translated.generation
+        _, body = await parsed(request, CountTokensRequest, {})
+        generation = (await translated(body)).generation
         tools = json.loads(generation.tools) if generation.tools else None
         try:
             tokens = await asyncio.to_thread(engine.render, generation.messages, tools=tools)
