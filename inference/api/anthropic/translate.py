@@ -21,7 +21,7 @@ from .schemas import BLOCK_FIELDS, FIELDS, TOOL_FIELDS, AnthropicMessage, CountT
 DEFAULT_TEMPERATURE = 1.0  # Anthropic's
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # "tool" names one: OpenAI's named function
 # OpenAI's field names in a refusal from the shared translation, as this request named them.
-FIELD_NAMES = {"response_format": "output_config.format", "prompt": "messages", "stop": "stop_sequences"}
+FIELD_NAMES = {"response_format": "output_config.format", "stop": "stop_sequences"}
 Overrides = Mapping[str, Mapping[str, Any]]
 
 
@@ -215,11 +215,8 @@ def translate(body: CountTokensRequest, settings: Settings, native: NativeTools 
     chat = chat_request(body)
     try:
         openai_body, forwarded, forwarded_by_message = parse_chat(chat, settings, {})
-    except HTTPError as exc:  # built from a validated request: only a bound the two APIs draw differently
-        raise _invalid(exc.field or "messages", exc.message.partition(": ")[2] or exc.message) from None
-    try:
         translated = translate_chat(chat, openai_body, forwarded, forwarded_by_message, settings, native)
-    except HTTPError as exc:  # named as this request names it
+    except HTTPError as exc:  # a refusal of the shared translation, named as this request names the field
         name = FIELD_NAMES.get(exc.field or "")
         if name is None:
             raise
