@@ -9,6 +9,7 @@ from .api import meta, tokens
 from .api.anthropic import routes as anthropic_api
 from .api.native import infer
 from .api.openai import routes as openai_api
+from .api.responses import routes as responses_api
 from .config import Settings
 from .engine import create_engine
 from .engine.base import Engine
@@ -18,6 +19,7 @@ from .middleware.limit import limit
 from .middleware.metrics import metrics as observe_metrics
 from .middleware.tracing import tracing as tracing_middleware
 from .serving.cache import ResponseCache
+from .serving.conversations import Conversations
 from .serving.generation import Generator
 from .serving.idempotency import Idempotency
 from .serving.lifecycle import Lifecycle
@@ -25,6 +27,7 @@ from .serving.limits import TokenBudget
 from .serving.service import Service
 from .store import create_store
 from .store.base import Store
+from .store.memory import MemoryStore
 from .telemetry.tracing import Metrics, create_tracing
 from .web.http import ASGIApp, Receive, Scope, Send
 from .web.router import Route, Router
@@ -51,7 +54,11 @@ def build_app(
     service = Service(
         settings, engine, store, lifecycle, generator,
         cache=ResponseCache(store, settings, metrics=metrics, tracing=tracing),
-        idempotency=Idempotency(store, settings), metrics=metrics, tracing=tracing,
+        idempotency=Idempotency(store, settings),
+        # In memory, stored responses get their own bounded store: cached answers must not evict conversations.
+        conversations=Conversations(MemoryStore(settings.responses_memory_bytes)
+                                    if isinstance(store, MemoryStore) else store, settings),
+        metrics=metrics, tracing=tracing,
     )
     metrics.watch(
         queue_depth=lambda: engine.queue_depth,
@@ -62,6 +69,7 @@ def build_app(
     routes += infer.routes(service)
     routes += openai_api.routes(service)
     routes += anthropic_api.routes(service)
+    routes += responses_api.routes(service)
     routes += tokens.routes(service)
     limited = frozenset(route.template for route in routes if route.limited)
 

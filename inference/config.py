@@ -248,6 +248,9 @@ class Settings:
     shutdown_timeout_seconds: float = 30.0
     cache_ttl_seconds: int = 60
     idempotency_ttl_seconds: int = 3600
+    responses_ttl_seconds: int = 30 * 86400  # OpenAI keeps stored responses 30 days
+    responses_max_bytes: int = 1024 * 1024
+    responses_memory_bytes: int = 64 * 1024 * 1024
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_system_prompt: bool = True
     docs_enabled: bool = True
@@ -370,6 +373,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_timeout_seconds": _float(1, 3600),
     "cache_ttl_seconds": _int(1),
     "idempotency_ttl_seconds": _int(1),
+    "responses_ttl_seconds": _int(1),
+    "responses_max_bytes": _int(1024),
+    "responses_memory_bytes": _int(0),
     "system_prompt": _text,
     "chat_system_prompt": _bool,
     "docs_enabled": _bool,

@@ -1,5 +1,5 @@
 """Service: what the handlers share, assembled by app.build_app: settings, the engine and its lifecycle (readiness),
-the generator, the response cache and idempotency, metrics and tracing."""
+the generator, the response cache, idempotency, stored responses, metrics and tracing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..store.base import Store
 from ..telemetry.tracing import Metrics, Tracing
 from ..web.http import Request, Response, Scope
 from .cache import ResponseCache
+from .conversations import Conversations
 from .generation import Generator
 from .idempotency import Idempotency
 from .lifecycle import Lifecycle
@@ -29,6 +30,7 @@ class Service:
     generator: Generator
     cache: ResponseCache
     idempotency: Idempotency
+    conversations: Conversations  # stored responses of the Responses API
     metrics: Metrics
     tracing: Tracing
     _native: tuple[str | None, NativeTools | None] | None = field(default=None, init=False, repr=False)

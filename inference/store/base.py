@@ -45,7 +45,8 @@ class Store(Protocol):
     async def claim(self, key: str, value: bytes, ttl: int) -> bytes | None:
         """Set `key` to `value` for `ttl` seconds unless it exists; return what it held (None: claimed)."""
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> bool:
+        """Remove `key`; whether it was there."""
 
     async def acquire(self, key: str, policy: Policy, cost: int = 1) -> Decision: ...
 

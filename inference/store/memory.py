@@ -46,9 +46,11 @@ class MemoryStore:
             await self.cache_set(key, value, ttl)
         return existing
 
-    async def delete(self, key: str) -> None:
-        if key in self._cache:
-            self._drop(key)
+    async def delete(self, key: str) -> bool:
+        if await self.cache_get(key) is None:  # expired counts as gone
+            return False
+        self._drop(key)
+        return True
 
     def _drop(self, key: str) -> None:
         _, value = self._cache.pop(key)

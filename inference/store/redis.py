@@ -100,8 +100,8 @@ class RedisStore:
         # One round trip: SET NX with GET returns the value already there (Redis >= 7.0, Valkey).
         return await self._call(lambda: self._client.set(key, value, px=ttl * 1000, nx=True, get=True))
 
-    async def delete(self, key: str) -> None:
-        await self._call(lambda: self._client.delete(key))
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call(lambda: self._client.delete(key)))
 
     async def acquire(self, key: str, policy: Policy, cost: int = 1) -> Decision:
         allowed, remaining, retry_us, reset_us = await self._call(

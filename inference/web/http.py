@@ -7,6 +7,7 @@ import json
 import math
 import re
 from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+from urllib.parse import parse_qsl
 
 from .errors import HTTPError
 from .state import state
@@ -49,6 +50,11 @@ class Request:
     @property
     def path_params(self) -> dict[str, str]:
         return state(self.scope).path_params or {}
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string's parameters (the last of a repeated one)."""
+        return dict(parse_qsl(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
 
     @property
     def headers(self) -> dict[str, str]:

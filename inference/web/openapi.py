@@ -46,7 +46,8 @@ def openapi_document(
         params = [
             {"name": m[1], "in": "path", "required": True, "schema": {"type": "string"}}
             for m in PARAM.finditer(route.template)
-        ]
+        ] + [{"name": name, "in": "query", "required": False, "schema": dict(schema)}
+             for name, schema in route.query.items()]
         if params:
             operation["parameters"] = params
         if route.request_schema is not None:

@@ -26,6 +26,7 @@ class Route:
     request_schema: type | None = None
     response_schema: type | None = None
     errors: tuple[int, ...] = ()
+    query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # query parameter -> its JSON schema
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     allow_unknown_fields: bool = False
     limited: bool = False  # counted by the rate limiter (the inference endpoints)

@@ -13,6 +13,7 @@ from ...serving.generation import http_error_of
 from ...web.errors import HTTPError
 from ...web.http import StreamOutcome, sse
 from . import dialect
+from ..openai.render import read
 from ..openai.translate import Translated
 
 
@@ -29,16 +30,6 @@ def stop_reason(generation: Generation, calls: list[dict[str, Any]]) -> tuple[st
     if generation.stop_sequence is not None:
         return "stop_sequence", generation.stop_sequence
     return "end_turn", None
-
-
-def read(generation: Generation, text: str, translated: Translated) -> tuple[str | None, list[dict[str, Any]]]:
-    """(text, OpenAI tool_calls) of a finished answer: the plan's calls (checked), or an upstream's."""
-    plan = translated.plan
-    if plan is None:
-        return text, generation.tool_calls
-    content, calls = plan.read(text)
-    plan.check(text, calls, generation.finish_reason)
-    return content, calls
 
 
 def tool_use(call: dict[str, Any]) -> dict[str, Any]:

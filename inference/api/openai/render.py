@@ -66,6 +66,19 @@ def whole(generations: list[Generation], texts: list[str], meta: Meta, translate
             "usage": usage(generations)}
 
 
+def read(generation: Generation, text: str, translated: Translated) -> tuple[str | None, list[dict[str, Any]]]:
+    """(text, OpenAI tool_calls) of a finished answer, for the dialects that render calls their own way: the plan's
+    calls (checked), or an upstream's; a structured answer checked against its schema."""
+    plan = translated.plan
+    if plan is None:
+        if translated.structured is not None:
+            translated.structured.check(text, generation.finish_reason)
+        return text, generation.tool_calls
+    content, calls = plan.read(text)
+    plan.check(text, calls, generation.finish_reason)
+    return content, calls
+
+
 def usage(generations: list[Generation]) -> dict[str, int]:
     """OpenAI's usage: the prompt once, every choice's tokens."""
     prompt, completion = generations[0].prompt_tokens, sum(g.completion_tokens for g in generations)
