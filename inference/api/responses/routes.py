@@ -50,7 +50,7 @@ def routes(service: Service) -> list[Route]:
     def owner(request: Request) -> str:
         return owner_of(client_id(request.scope, settings.trusted_proxies))
 
-    async def create(request: Request) -> Response:
+    async def create_response(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = parse(raw, limit)
         check_model(body.model)
@@ -102,7 +102,7 @@ def routes(service: Service) -> list[Route]:
             raise ClientDisconnected()
         return json_response(await render.whole(generation, text, response, translated, keep))
 
-    async def retrieve(request: Request) -> Response:
+    async def retrieve_response(request: Request) -> Response:
         query = request.query
         if query.get("stream", "false") != "false":
             raise HTTPError(400, "unsupported_parameter", "stream: a stored response cannot be streamed again "
@@ -113,7 +113,7 @@ def routes(service: Service) -> list[Route]:
         stored = await conversations.load(owner(request), request.path_params["response_id"])
         return json_response(stored.response)
 
-    async def delete(request: Request) -> Response:
+    async def delete_response(request: Request) -> Response:
         response_id = request.path_params["response_id"]
         await conversations.delete(owner(request), response_id)
         return json_response({"id": response_id, "object": "response", "deleted": True})
@@ -148,16 +148,16 @@ def routes(service: Service) -> list[Route]:
     item = "/v1/responses/{response_id}"
     by_id = {"parameters": {"response_id": "$response.body#/id"}}
     return [
-        Route("POST", "/v1/responses", labelled_errors(create), summary="OpenAI: create a response (stream: typed "
+        Route("POST", "/v1/responses", labelled_errors(create_response), summary="OpenAI: create a response (stream: typed "
               "SSE events)", request_schema=ResponsesRequest, response_schema=ResponseObject,
               errors=(400, 401, 404, 409, 413, 429, 502, 503, 504), streams=True, overrides=limit, limited=True,
               dialect=OPENAI, links={"GetResponse": (f"GET {item}", by_id),
                                      "ListInputItems": (f"GET {item}/input_items", by_id),
                                      "DeleteResponse": (f"DELETE {item}", by_id)}),
-        Route("GET", item, retrieve, summary="OpenAI: a stored response", response_schema=ResponseObject,
+        Route("GET", item, retrieve_response, summary="OpenAI: a stored response", response_schema=ResponseObject,
               errors=(400, 401, 404, 503), query={"stream": {"type": "boolean", "enum": [False]},
                                                   "include": LIST_QUERY["include"]}, dialect=OPENAI),
-        Route("DELETE", item, delete, summary="OpenAI: delete a stored response", response_schema=DeletedResponse,
+        Route("DELETE", item, delete_response, summary="OpenAI: delete a stored response", response_schema=DeletedResponse,
               errors=(401, 404, 503), dialect=OPENAI),
         Route("GET", f"{item}/input_items", list_input_items, summary="OpenAI: a stored response's input items",
               response_schema=InputItemList, errors=(400, 401, 404, 422, 503), query=LIST_QUERY, dialect=OPENAI),

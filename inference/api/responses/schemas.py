@@ -13,34 +13,44 @@ from ...web.validation import spec
 from ..openai.schemas import Fate
 
 MAX_ITEMS = 2048
+SUMMARIES = (None, "auto", "concise", "detailed")  # a reasoning summary: of no reasoning, none
 NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
-TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
-    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"},
+INPUT_TEXT = {"type": "object", "required": ["type", "text"], "additionalProperties": False, "properties": {
+    "type": {"type": "string", "enum": ["input_text"]}, "text": {"type": "string"}}}
+OUTPUT_TEXT = {"type": "object", "required": ["type", "text"], "additionalProperties": False, "properties": {
+    "type": {"type": "string", "enum": ["output_text"]}, "text": {"type": "string"},
     "annotations": {"type": "array", "maxItems": 0}, "logprobs": {"type": "array"}}}
-REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "properties": {
+REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["refusal"]}, "refusal": {"type": "string"}}}
-MESSAGE_ITEM = {"type": "object", "required": ["role", "content"], "properties": {
+STATUS = {"type": "string", "enum": ["in_progress", "completed", "incomplete"]}
+MESSAGE_ITEM = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["message"]}, "id": {"type": "string"},
     "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
-    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [TEXT_PART, REFUSAL_PART]}}]},
-    "status": {"type": "string", "enum": ["in_progress", "completed", "incomplete"]},
-    "phase": {"nullable": True, "type": "string"}}}
-FUNCTION_CALL_ITEM = {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+        "anyOf": [INPUT_TEXT, OUTPUT_TEXT, REFUSAL_PART]}}]},
+    "status": STATUS, "phase": {"nullable": True, "enum": [None]}},
+    # An assistant's parts are output_text and refusal, the others' input_text.
+    "anyOf": [{"properties": {"role": {"enum": ["assistant"]}, "content": {"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"anyOf": [OUTPUT_TEXT, REFUSAL_PART]}}]}}},
+              {"properties": {"role": {"enum": ["user", "system", "developer"]}, "content": {"anyOf": [
+                  {"type": "string"}, {"type": "array", "items": INPUT_TEXT}]}}}]}
+FUNCTION_CALL_ITEM = {"type": "object", "required": ["type", "call_id", "name", "arguments"],
+                      "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["function_call"]}, "id": {"type": "string"},
     "call_id": {"type": "string", "minLength": 1}, "name": NAME, "arguments": {"type": "string"},
-    "status": {"type": "string", "enum": ["in_progress", "completed", "incomplete"]},
-    "namespace": {"nullable": True, "enum": [None]}}}
-FUNCTION_OUTPUT_ITEM = {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+    "status": STATUS, "namespace": {"nullable": True, "enum": [None]}}}
+FUNCTION_OUTPUT_ITEM = {"type": "object", "required": ["type", "call_id", "output"], "additionalProperties": False,
+                        "properties": {
     "type": {"type": "string", "enum": ["function_call_output"]}, "id": {"type": "string", "nullable": True},
     "call_id": {"type": "string", "minLength": 1},
-    "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]},
-    "status": {"nullable": True, "type": "string", "enum": ["in_progress", "completed", "incomplete", None]}}}
+    "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": INPUT_TEXT}]},
+    "status": {"nullable": True, **STATUS, "enum": [*STATUS["enum"], None]}}}
 # The fields of each input item this service reads (translate.py); others are refused by name.
 ITEM_FIELDS = {"message": set(MESSAGE_ITEM["properties"]), "function_call": set(FUNCTION_CALL_ITEM["properties"]),
                "function_call_output": set(FUNCTION_OUTPUT_ITEM["properties"])}
 PART_FIELDS = {"input_text": {"type", "text"}, "output_text": {"type", "text", "annotations", "logprobs"},
                "refusal": {"type", "refusal"}}
-FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "properties": {
+FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["function"]}, "name": NAME,
     "description": {"type": "string", "nullable": True},
     "parameters": {"type": "object", "nullable": True, "description": "A JSON Schema for the arguments (README: "
@@ -49,12 +59,12 @@ FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "properties": {
 TOOL_FIELDS = set(FUNCTION_TOOL["properties"])
 TOOL_CHOICE = {"nullable": True, "anyOf": [
     {"type": "string", "enum": ["none", "auto", "required"]},
-    {"type": "object", "required": ["type", "name"], "properties": {"type": {"type": "string", "enum": ["function"]},
-                                                                    "name": NAME}}]}
+    {"type": "object", "required": ["type", "name"], "additionalProperties": False, "properties": {
+        "type": {"type": "string", "enum": ["function"]}, "name": NAME}}]}
 TEXT_CONFIG = {"nullable": True, "type": "object", "additionalProperties": False, "properties": {
     "format": {"type": "object", "required": ["type"], "anyOf": [
-        {"properties": {"type": {"enum": ["text", "json_object"]}}},
-        {"required": ["name", "schema"], "properties": {
+        {"additionalProperties": False, "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"required": ["name", "schema"], "additionalProperties": False, "properties": {
             "type": {"enum": ["json_schema"]}, "name": {"type": "string", "minLength": 1, "maxLength": 64},
             "schema": {"type": "object", "description": "A JSON Schema; a keyword the grammar cannot enforce is a "
                                                         "400 naming it (README: structured output)."},
@@ -75,9 +85,11 @@ class ResponsesRequest:
             "stream_options": {"nullable": True, "type": "object", "additionalProperties": False,
                                "properties": {"include_obfuscation": {"enum": [False]}}},
             "truncation": {"nullable": True, "enum": ["disabled", None]},
-            "include": {"nullable": True, "type": "array", "maxItems": 0},
+            "include": {"nullable": True, "type": "array", "maxItems": 1,
+                        "items": {"type": "string", "enum": ["reasoning.encrypted_content"]}},
             "reasoning": {"nullable": True, "type": "object", "additionalProperties": False, "properties": {
-                "effort": {"nullable": True, "enum": ["none", None]}, "summary": {"nullable": True, "enum": [None]}}},
+                "effort": {"nullable": True, "enum": ["none", None]},
+                "summary": {"nullable": True, "enum": list(SUMMARIES)}}},
             "background": {"nullable": True, "enum": [False, None]},
             "service_tier": {"nullable": True, "enum": ["auto", "default", None]},
             "prompt_cache_retention": {"nullable": True, "enum": ["in_memory", None]},
@@ -135,8 +147,10 @@ class ResponsesRequest:
         max_length=256, description="A caching hint: on the server span; prefix reuse here is automatic."))
     # OpenAI's fields this service cannot honour: only the values that ask for nothing (FIELDS).
     truncation: str | None = field(default=None, metadata=spec(description='Only "disabled".'))
-    include: list[str] | None = field(default=None, metadata=spec(description="Only null or []."))
-    reasoning: dict[str, Any] | None = field(default=None, metadata=spec(description='Only null or {"effort": "none"}.'))
+    include: list[str] | None = field(default=None, metadata=spec(
+        description='Only [] or ["reasoning.encrypted_content"] (there is no reasoning to include).'))
+    reasoning: dict[str, Any] | None = field(default=None, metadata=spec(
+        description='effort: only null or "none" (this model does not reason); summary: accepted (of no reasoning).'))
     background: bool | None = field(default=None, metadata=spec(description="Only false."))
     service_tier: str | None = field(default=None, metadata=spec(description='"auto" or "default": one tier.'))
     prompt_cache_retention: str | None = field(default=None, metadata=spec(description='Only "in_memory".'))
@@ -157,7 +171,7 @@ def _used(names: str, why: str = "") -> dict[str, Fate]:
 
 
 _RECORDED = "the request log's `user` and the server span's `user.id`"
-_NOT_HERE = "runs at OpenAI; this service runs function tools only"
+_NOT_HERE = "only function tools are served here"
 FIELDS: dict[str, dict[str, Fate]] = {
     "responses": {
         **_used("model input max_output_tokens temperature top_p tools tool_choice stream"),
@@ -177,10 +191,13 @@ FIELDS: dict[str, dict[str, Fate]] = {
                                allowed=(None, {}, {"include_obfuscation": False})),
         "truncation": Fate("refused", "refused", "a conversation longer than the context is a 400, never cut",
                            allowed=(None, "disabled")),
-        "include": Fate("refused", "refused", "no extra output data (logprobs, sources) is available",
-                        allowed=(None, [])),
-        "reasoning": Fate("refused", "refused", "this model does not reason",
-                          allowed=(None, {}, {"effort": None}, {"effort": "none"})),
+        "include": Fate("refused", "refused", 'no extra output data (logprobs, sources) is available; only '
+                        '"reasoning.encrypted_content" (there is no reasoning to include)',
+                        allowed=(None, [], ["reasoning.encrypted_content"])),
+        "reasoning": Fate("refused", "refused", 'this model does not reason: `effort` only null or "none" (a '
+                          "`summary` of no reasoning is none)",
+                          allowed=(None, *({**e, **m} for e in ({}, {"effort": None}, {"effort": "none"})
+                                           for m in ({}, *({"summary": v} for v in SUMMARIES))))),
         "background": Fate("refused", "refused", "responses run while the request is open", allowed=(None, False)),
         "service_tier": Fate("refused", "refused", "there is one service tier here",
                              allowed=(None, "auto", "default")),
@@ -207,7 +224,7 @@ FIELDS: dict[str, dict[str, Fate]] = {
                                allowed=()),
         "reasoning": Fate("refused", "refused", "this model does not reason", allowed=()),
         "compaction": Fate("refused", "refused", "context compaction is not supported", allowed=()),
-        **{kind: Fate("refused", "refused", "built-in tools run at OpenAI; this service runs function tools only",
+        **{kind: Fate("refused", "refused", "another tool's call or output: only function tools are served here",
                       allowed=()) for kind in (
             "file_search_call web_search_call computer_call computer_call_output image_generation_call "
             "code_interpreter_call local_shell_call local_shell_call_output shell_call shell_call_output "

@@ -67,6 +67,13 @@ def parse(raw: Any, overrides: Overrides) -> ResponsesRequest:
     if text.get("verbosity") not in (None, "medium"):
         raise HTTPError(400, "unsupported_parameter", 'text.verbosity: only "medium" (this model cannot be told how '
                         "long to answer; use max_output_tokens)", field="text.verbosity")
+    output = text.get("format")
+    allowed = {"type", "name", "schema", "description", "strict"} if isinstance(output, dict) and output.get(
+        "type") == "json_schema" else {"type"}
+    for name in output if isinstance(output, dict) else ():
+        if name not in allowed:
+            raise HTTPError(400, "unsupported_parameter", f"text.format.{name}: not a field of this format",
+                            field=f"text.format.{name}")
     for name in text:
         if name not in ("format", "verbosity"):
             raise HTTPError(400, "unsupported_parameter", f"text.{name}: not a field this server knows",
@@ -92,6 +99,9 @@ def _check_item(item: Any, where: str) -> None:
     if item.get("id") is not None and not isinstance(item["id"], str):
         raise _invalid(f"{where}.id", "must be a string")
     if kind == "message":
+        if item.get("phase") is not None:
+            raise HTTPError(400, "unsupported_parameter", f"{where}.phase: only null (this model does not reason)",
+                            field=f"{where}.phase")
         if item.get("role") not in ("user", "assistant", "system", "developer"):
             raise _invalid(f"{where}.role", 'must be "user", "assistant", "system" or "developer"')
         content = item.get("content")
