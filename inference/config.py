@@ -22,6 +22,7 @@ ENVIRONMENTS = ("development", "staging", "production", "test")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_BACKENDS = ("llama", "openai")
 CACHE_MODES = ("all", "deterministic", "off")
+PASSTHROUGH_APIS = ("messages", "responses")  # UPSTREAM_PASSTHROUGH: the dialects an upstream may get unchanged
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -83,6 +84,18 @@ def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str],
         if value not in choices:
             raise ValueError("must be one of: " + ", ".join(choices))
         return value
+
+    return parse
+
+
+def _choices(choices: tuple[str, ...]) -> Callable[[str], frozenset[str]]:
+    """A comma-separated set of `choices` (empty: none)."""
+    def parse(raw: str) -> frozenset[str]:
+        values = frozenset(v.strip().lower() for v in raw.split(",") if v.strip())
+        unknown = values - set(choices)
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not one of " + ", ".join(choices))
+        return values
 
     return parse
 
@@ -222,6 +235,7 @@ class Settings:
     upstream_url: str | None = None
     upstream_api_key: str | None = None
     upstream_model: str | None = None
+    upstream_passthrough: frozenset[str] = frozenset()
     upstream_timeout_seconds: int = 60
     model_path: Path | None = None
     chat_template_file: Path | None = None
@@ -280,6 +294,8 @@ class Settings:
         """Cross-field rules that no single variable can express."""
         if not self.embedded and self.upstream_url is None:
             raise ConfigError("MODEL_BACKEND=openai needs UPSTREAM_URL (the base URL of an OpenAI-compatible server)")
+        if self.embedded and self.upstream_passthrough:
+            raise ConfigError("UPSTREAM_PASSTHROUGH needs MODEL_BACKEND=openai (an upstream to pass requests to)")
         if self.embedded and self.max_tokens_limit >= self.n_ctx:
             raise ConfigError(
                 f"MAX_TOKENS_LIMIT={self.max_tokens_limit} is invalid: must be smaller than N_CTX={self.n_ctx}"
@@ -347,6 +363,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "upstream_url": _url(("http", "https")),
     "upstream_api_key": _optional_text,
     "upstream_model": _optional_text,
+    "upstream_passthrough": _choices(PASSTHROUGH_APIS),
     "upstream_timeout_seconds": _int(1, 3600),
     "model_path": _existing_file,
     "chat_template_file": _existing_file,

@@ -41,6 +41,7 @@ def test_environment_beats_dotenv_beats_defaults(tmp_path):
         ("MODEL_PATH", "/no/such/model.gguf", "existing file"),
         ("MAX_BODY_BYTES", "10", ">= 1024"),
         ("SYSTEM_PROMPT", "  ", "not be empty"),
+        ("UPSTREAM_PASSTHROUGH", "messages,chat", "chat: not one of messages, responses"),
     ],
 )
 def test_invalid_values_name_the_variable_and_what_is_allowed(name, value, allowed):
@@ -53,6 +54,14 @@ def test_invalid_values_name_the_variable_and_what_is_allowed(name, value, allow
 def test_max_tokens_limit_must_fit_the_context():
     with pytest.raises(ConfigError, match="MAX_TOKENS_LIMIT=4096 is invalid: must be smaller than N_CTX=2048"):
         Settings.from_env({"MAX_TOKENS_LIMIT": "4096"}, env_file=None)
+
+
+def test_passthrough_needs_an_upstream():
+    upstream = {"MODEL_BACKEND": "openai", "UPSTREAM_URL": "http://vllm:8000/v1"}
+    settings = Settings.from_env({**upstream, "UPSTREAM_PASSTHROUGH": " Responses, messages "}, env_file=None)
+    assert settings.upstream_passthrough == {"messages", "responses"}
+    with pytest.raises(ConfigError, match="UPSTREAM_PASSTHROUGH needs MODEL_BACKEND=openai"):
+        Settings.from_env({"UPSTREAM_PASSTHROUGH": "messages"}, env_file=None)
 
 
 @pytest.mark.parametrize("env", [{"PORT": "abc"}, {"RATE_LIMIT_PER_MINUTE": "-3"}])

@@ -59,8 +59,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Relay:
+    """A request passed on as it came (UPSTREAM_PASSTHROUGH) to an upstream that speaks the client's API: `body`
+    posted to `path` under the upstream's base URL; the answer comes back as the upstream wrote it (its text is the
+    generation's pieces), its usage read on the way. Only an engine that forwards takes one."""
+
+    path: str  # "messages", "responses"
+    body: bytes
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """Either `messages` (rendered with the model's chat template) or a raw `prompt`, never both."""
+    """Either `messages` (rendered with the model's chat template) or a raw `prompt`, never both (or, for an
+    upstream, a `relay`)."""
 
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
@@ -77,6 +88,8 @@ class GenerationRequest:
     # time.monotonic() by which the answer must be complete (REQUEST_TIMEOUT_SECONDS, or less if the client asks):
     # past it, a waiting request is dropped and a running one stopped with RequestTimeout. None: no limit.
     deadline: float | None = None
+    # Instead of messages or a prompt: the client's own request, for an upstream that speaks its API (Relay).
+    relay: Relay | None = None
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,55 @@ class UpstreamGeneration:
         self.finish_reason = finish
 
 
+class UpstreamRelay(UpstreamGeneration):
+    """An answer passed back as the upstream wrote it (Relay: UPSTREAM_PASSTHROUGH): its text as the pieces, line
+    by line when streaming, whole otherwise. Its usage and end are read on the way, whichever API it speaks:
+    Anthropic's (`usage` in message_start and message_delta, `stop_reason`) or the Responses API's (the response's
+    `usage` and `status`)."""
+
+    answer_id: str | None = None  # the message's or response's id, once the answer has said it
+
+    def _take(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        if self.answer_id is None and isinstance(data.get("id"), str) and (
+                data.get("type") == "message" or data.get("object") == "response"):
+            self.answer_id = data["id"]
+        inner = data.get("message") or data.get("response")
+        if isinstance(inner, dict):  # message_start's message, the Responses events' response
+            self._take(inner)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("input_tokens") or self.prompt_tokens)
+            self.completion_tokens = int(usage.get("output_tokens") or self.completion_tokens)
+        if (isinstance(data.get("delta"), dict) and data["delta"].get("stop_reason") == "max_tokens"
+                or data.get("stop_reason") == "max_tokens" or data.get("status") == "incomplete"):
+            self._length = True
+
+    async def _read_whole(self) -> AsyncIterator[str]:
+        self._length = False
+        raw = await self._response.read()
+        try:
+            self._take(json.loads(raw))
+        except ValueError:
+            pass  # passed on as it came; there is no usage to count
+        yield raw.decode("utf-8", errors="replace")
+        self.finish_reason = "length" if self._length else "stop"
+
+    async def _read_stream(self) -> AsyncIterator[str]:
+        self._length = False
+        async for raw in self._response.content:
+            if raw.startswith(b"data:") and (b'"usage"' in raw or b'"stop_reason"' in raw or b'"status"' in raw):
+                try:
+                    self._take(json.loads(raw[5:]))
+                except ValueError:
+                    pass
+            yield raw.decode("utf-8", errors="replace")
+        if self._cancelled:
+            return
+        self.finish_reason = "length" if self._length else "stop"
+
+
 def _stop_sequence(choice: dict[str, Any]) -> str | None:
     """vLLM's `stop_reason`: the stop string that ended the answer (an int is a stop token's id: not a string)."""
     reason = choice.get("stop_reason")
@@ -307,7 +356,8 @@ class UpstreamEngine:
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS),
             )
             # Parsed once here rather than on every request.
-            self._urls = {"chat": URL(f"{self.base_url}/chat/completions"), "text": URL(f"{self.base_url}/completions")}
+            self._urls = {"chat": URL(f"{self.base_url}/chat/completions"), "text": URL(f"{self.base_url}/completions"),
+                          **{path: URL(f"{self.base_url}/{path}") for path in ("messages", "responses")}}
         return self._session
 
     def admit(self, request: GenerationRequest, n: int = 1) -> Admission:
@@ -319,8 +369,9 @@ class UpstreamEngine:
     async def generate(self, request: GenerationRequest, admission: Admission | None = None) -> UpstreamGeneration:
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
-        aiohttp = _aiohttp()
         started = time.monotonic()
+        if request.relay is not None:  # the client's own request, for an upstream that speaks its API
+            return await self._post(request.relay.path, request.relay.body, request, UpstreamRelay, started)
         params = request.params
         payload: dict[str, Any] = {
             "model": self.model, "temperature": params.temperature, "top_p": params.top_p, "stream": request.stream,
@@ -358,6 +409,13 @@ class UpstreamEngine:
                 payload["logprobs"] = params.logprobs
         if params.forwarded is not None:
             payload.update(json.loads(params.forwarded))
+        return await self._post(kind, json.dumps(payload).encode(), request, UpstreamGeneration, started)
+
+    async def _post(self, target: str, body: bytes, request: GenerationRequest, reader: type[UpstreamGeneration],
+                    started: float) -> UpstreamGeneration:
+        """Send `body` to the `target` path ("chat", "text", "messages", "responses"), wait for the status line,
+        and read the answer as `reader` reads it."""
+        aiohttp = _aiohttp()
         session = self._get_session()
         options: dict[str, Any] = {}
         if request.deadline is not None:  # the whole exchange, body included, ends by the request's deadline
@@ -370,7 +428,7 @@ class UpstreamEngine:
         if carrier:
             options["headers"] = carrier
         try:
-            response = await session.post(self._urls[kind], data=json.dumps(payload).encode(), **options)
+            response = await session.post(self._urls[target], data=body, **options)
         except asyncio.TimeoutError:
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise RequestTimeout(request.deadline - started) from None
@@ -380,9 +438,25 @@ class UpstreamEngine:
             raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc}") from None
         if response.status >= 400:
             raise await _refusal(response)
-        generation = UpstreamGeneration(response, request.stream, self.timeout, request.deadline)
+        generation = reader(response, request.stream, self.timeout, request.deadline)
         self._live.add(generation)
         return generation
+
+    async def fetch(self, method: str, path: str, query: str = "") -> tuple[int, bytes]:
+        """A plain call to the upstream (a stored response's GET or DELETE, UPSTREAM_PASSTHROUGH): its status and
+        body. `path` is under the base URL; the caller quotes what came from its client."""
+        if self._info is None or self._closed.is_set():
+            raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
+        aiohttp = _aiohttp()
+        url = f"{self.base_url}/{path}" + (f"?{query}" if query else "")
+        try:
+            async with self._get_session().request(method, url) as response:
+                return response.status, await response.read()
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, "upstream_timeout",
+                                f"the upstream at {self.base_url} did not answer within {self.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, "upstream_unavailable", f"the upstream at {self.base_url} failed: {exc}") from None
 
     def abort(self) -> None:
         """End every request in flight with an error (shutdown timeout) and refuse new ones."""
@@ -440,6 +514,7 @@ async def _refusal(response: Any) -> UpstreamError:
     text = f"upstream: {message}"
     if status in (400, 404, 413, 422):
         return UpstreamError(status, "upstream_rejected", text, field=param)
-    if status in (429, 503):
-        return UpstreamError(status, "upstream_busy", text, retry_after=response.headers.get("Retry-After", "1"))
+    if status in (429, 503, 529):  # 529: Anthropic's overloaded (a passed-through /v1/messages)
+        return UpstreamError(503 if status == 529 else status, "upstream_busy", text,
+                             retry_after=response.headers.get("Retry-After", "1"))
     return UpstreamError(502, "upstream_error", f"upstream answered {status}: {message}")

@@ -81,6 +81,26 @@ class Conversations:
             return False
         return True
 
+    async def own(self, owner: str, response_id: str) -> None:
+        """Note that `owner` made `response_id`, which an upstream stores (UPSTREAM_PASSTHROUGH): its stored-response
+        routes answer only that owner. Best effort: with the store down, no one can read it through here."""
+        try:
+            await self.store.cache_set(self._owner_key(response_id), owner.encode(), self.ttl)
+        except StoreUnavailable:
+            log.warning("response %s: its owner was not recorded (the store is unavailable)", response_id)
+
+    async def check_owner(self, owner: str, response_id: str) -> None:
+        """404 unless `owner` made `response_id` (as `own` noted); 503 with the store down."""
+        try:
+            recorded = await self.store.cache_get(self._owner_key(response_id))
+        except StoreUnavailable:
+            raise _unavailable("response_id") from None
+        if recorded != owner.encode():
+            raise _not_found(response_id, "response_id")
+
+    def _owner_key(self, response_id: str) -> str:
+        return f"{self.prefix}owner:" + hashlib.sha256(response_id.encode()).hexdigest()
+
     async def delete(self, owner: str, response_id: str) -> None:
         """Forget a stored response: 404 if there is none for this owner."""
         try:

@@ -359,3 +359,76 @@ def test_anthropic_messages_through_the_gateway(gateway, live, model_id):
         with pytest.raises(anthropic.APIStatusError) as unsupported:  # the upstream's tokenizer is not here
             via.messages.count_tokens(model=model_id, messages=ask("Hi"))
         assert unsupported.value.status_code == 501 and unsupported.value.body["type"] == "error"
+
+
+def test_responses_through_the_gateway_are_stored_at_the_gateway(sdk, live, model_id):
+    """Translated to the upstream's chat completions; the conversation is the gateway's, so the upstream has never
+    heard of the response a follow-up continues."""
+    kwargs = dict(model=model_id, max_output_tokens=16, temperature=0)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=60) as direct:
+        through, straight = sdk.responses.create(input="What is 2+2?", **kwargs), \
+            direct.responses.create(input="What is 2+2?", **kwargs)
+        assert through.output_text == straight.output_text and through.usage.output_tokens == straight.usage.output_tokens
+        follow = sdk.responses.create(input="And 3+3?", previous_response_id=through.id, **kwargs)
+        assert follow.usage.input_tokens > through.usage.input_tokens + through.usage.output_tokens
+        with pytest.raises(openai.NotFoundError):
+            direct.responses.retrieve(through.id)
+
+
+@pytest.fixture(scope="module")
+def passthrough(live):
+    proc = ServerProcess({"MODEL_BACKEND": "openai", "UPSTREAM_URL": f"{live.url}/v1",
+                          "UPSTREAM_PASSTHROUGH": "messages,responses", "API_KEYS": "key-ann-1234,key-bob-5678"})
+    try:
+        proc.wait_ready(timeout=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _tokens_counted(url):
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("inference_tokens_total{"))
+
+
+def test_passthrough_sends_messages_and_responses_on_unchanged(passthrough, live, model_id):
+    """UPSTREAM_PASSTHROUGH: the upstream (here this service's own /v1/messages and /v1/responses) gets the request
+    as sent and the client its answer as the upstream wrote it; stored responses are the upstream's, readable
+    through the gateway by the API key that made them only. The usage those answers report is counted as the
+    gateway's own."""
+    import anthropic
+
+    before = _tokens_counted(passthrough.url)
+    kwargs = dict(model=model_id, max_tokens=20, messages=ask("What is 2+2?"), extra_body={"temperature": 0})
+    with anthropic.Anthropic(base_url=passthrough.url, api_key="key-ann-1234", max_retries=0) as via, \
+            anthropic.Anthropic(base_url=live.url, api_key="x", max_retries=0) as direct:
+        through, straight = via.messages.create(**kwargs), direct.messages.create(**kwargs)
+        assert through.content == straight.content and through.usage == straight.usage
+        with via.messages.stream(**kwargs) as stream:
+            assert "".join(stream.text_stream) == straight.content[0].text
+        with pytest.raises(anthropic.BadRequestError) as refused:  # the upstream's refusal, in Anthropic's shape
+            via.messages.create(**{**kwargs, "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}]})
+        assert "image" in refused.value.message and refused.value.body["type"] == "error"
+    with openai.OpenAI(base_url=f"{passthrough.url}/v1", api_key="key-ann-1234", max_retries=0) as gateway_sdk, \
+            openai.OpenAI(base_url=f"{passthrough.url}/v1", api_key="key-bob-5678", max_retries=0) as bob, \
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=60) as direct_sdk:
+        response = gateway_sdk.responses.create(model=model_id, input="Say hi.", max_output_tokens=8)
+        assert direct_sdk.responses.retrieve(response.id).output_text == response.output_text  # the upstream's
+        assert gateway_sdk.responses.retrieve(response.id).id == response.id
+        for call in (lambda: bob.responses.retrieve(response.id), lambda: bob.responses.delete(response.id),
+                     lambda: bob.responses.create(model=model_id, input="Hi", previous_response_id=response.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert [i.type for i in gateway_sdk.responses.input_items.list(response.id).data] == ["message"]
+        with gateway_sdk.responses.stream(model=model_id, input="Say hi.", max_output_tokens=8,
+                                          previous_response_id=response.id) as stream:
+            events = [event.type for event in stream]
+        assert events[0] == "response.created" and events[-1] in ("response.completed", "response.incomplete")
+        gateway_sdk.responses.delete(response.id)
+        with pytest.raises(openai.NotFoundError):
+            direct_sdk.responses.retrieve(response.id)
+        with pytest.raises(openai.NotFoundError):  # the gateway checks the model it serves
+            gateway_sdk.responses.create(model="gpt-9", input="Hi", max_output_tokens=4)
+    assert _tokens_counted(passthrough.url) > before

@@ -22,6 +22,7 @@ from ...web.identity import client_id
 from ...web.router import Route
 from ...web.state import state
 from ...web.validation import plain
+from .. import passthrough
 from ..openai.translate import Translated, note_user
 from . import render
 from .dialect import ANTHROPIC
@@ -52,6 +53,8 @@ def routes(service: Service) -> list[Route]:
         return translate(body, settings, native)
 
     async def create_message(request: Request) -> Response:
+        if "messages" in settings.upstream_passthrough:  # the upstream speaks this API itself
+            return await passthrough.relay(service, request, "messages", "max_tokens", ANTHROPIC)
         raw, body = await parsed(request, MessagesRequest, limit)
         user = (body.metadata or {}).get("user_id") or body.user_profile_id
         note_user(request, user if isinstance(user, str) else None)

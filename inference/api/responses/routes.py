@@ -25,6 +25,7 @@ from ...web.identity import client_id
 from ...web.router import Route
 from ...web.state import state
 from ...web.validation import plain
+from .. import passthrough
 from ..openai.dialect import OPENAI
 from ..openai.translate import DEFAULT_TEMPERATURE, note_user
 from . import render
@@ -47,10 +48,14 @@ def routes(service: Service) -> list[Route]:
             raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
                             f"'{service.model_id}' (GET /v1/models)", field="model")
 
+    relayed = "responses" in settings.upstream_passthrough
+
     def owner(request: Request) -> str:
         return owner_of(client_id(request.scope, settings.trusted_proxies))
 
     async def create_response(request: Request) -> Response:
+        if relayed:  # the upstream speaks this API itself, and keeps what it answers
+            return await passthrough.relay(service, request, "responses", "max_output_tokens", OPENAI)
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = parse(raw, limit)
         check_model(body.model)
@@ -110,15 +115,21 @@ def routes(service: Service) -> list[Route]:
         if query.get("include"):
             raise HTTPError(400, "unsupported_parameter", "include: no extra output data is available",
                             field="include")
+        if relayed:
+            return await passthrough.fetch(service, request, "GET", request.path_params["response_id"])
         stored = await conversations.load(owner(request), request.path_params["response_id"])
         return json_response(stored.response)
 
     async def delete_response(request: Request) -> Response:
+        if relayed:
+            return await passthrough.fetch(service, request, "DELETE", request.path_params["response_id"])
         response_id = request.path_params["response_id"]
         await conversations.delete(owner(request), response_id)
         return json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def list_input_items(request: Request) -> Response:
+        if relayed:
+            return await passthrough.fetch(service, request, "GET", request.path_params["response_id"], "/input_items")
         query = request.query
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):

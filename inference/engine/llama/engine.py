@@ -350,6 +350,8 @@ class LlamaEngine:
         """Hold `n` places in the queue for `request`, about to be prepared, or refuse it at once: a prompt too long
         for the context (PromptTooLong), no room (EngineOverloaded). A burst into an empty queue is refused before
         any of it is rendered or tokenized."""
+        if request.relay is not None:
+            raise InvalidPrompt("the embedded engine cannot pass a request on (UPSTREAM_PASSTHROUGH needs an upstream)")
         self.check_length(request)
         supervisor = self._supervisor
         if supervisor is None or self._closed:
