@@ -34,9 +34,7 @@ async def relay(service: Service, request: Request, path: str, max_field: str, d
     if not isinstance(raw.get("model"), str):
         raise HTTPError(422, "validation_error", "model: required, a string", field="model")
     info = service.model()
-    if raw["model"] != service.model_id:
-        raise HTTPError(404, "model_not_found", f"The model '{raw['model']}' does not exist; this server serves "
-                        f"'{service.model_id}' (GET /v1/models)", field="model")
+    service.check_model(raw["model"])
     limit = raw.get(max_field)
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool)
                                   and 1 <= limit <= settings.max_tokens_limit):

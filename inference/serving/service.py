@@ -12,6 +12,7 @@ from ..config import Settings
 from ..engine.base import Engine, Generation, GenerationRequest, ModelInfo, Tokenizer
 from ..store.base import Store
 from ..telemetry.tracing import Metrics, Tracing
+from ..web.errors import HTTPError
 from ..web.http import Request, Response, Scope
 from .cache import ResponseCache
 from .conversations import Conversations
@@ -55,6 +56,13 @@ class Service:
             token = engine.special_token(syntax.opener) if syntax is not None and syntax.opener else None
             self._native = (template, NativeTools(syntax, token) if syntax is not None else None)
         return self._native[1]
+
+    def check_model(self, name: str) -> None:
+        """A request's `model` must be the served one: 404 model_not_found otherwise, as OpenAI and Anthropic answer
+        (while none is loaded, generating answers 503)."""
+        if self.engine.loaded and name != self.model_id:
+            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
+                            f"'{self.model_id}' (GET /v1/models)", field="model")
 
     def model(self) -> ModelInfo:
         """The served model, or 503 while it is not ready."""

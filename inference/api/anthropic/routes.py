@@ -34,15 +34,10 @@ def routes(service: Service) -> list[Route]:
     settings = service.settings
     limit = {"max_tokens": {"le": settings.max_tokens_limit}}
 
-    def check_model(name: str) -> None:
-        if service.engine.loaded and name != service.model_id:
-            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
-                            f"'{service.model_id}' (GET /v1/models)", field="model")
-
     async def parsed(request: Request, schema: type, overrides: Any) -> tuple[Any, Any]:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = parse(raw, schema, overrides)
-        check_model(body.model)
+        service.check_model(body.model)
         return raw, body
 
     async def translated(body: Any) -> Translated:

@@ -15,7 +15,7 @@ from ...serving.tool_syntax import NativeTools
 from ...serving.tools import FUNCTION_NAME as TOOL_NAME
 from ...web.errors import HTTPError
 from ...web.validation import from_json
-from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat
+from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat, typed_fate
 from .schemas import BLOCK_FIELDS, FIELDS, TOOL_FIELDS, AnthropicMessage, CountTokensRequest, MessagesRequest
 
 DEFAULT_TEMPERATURE = 1.0  # Anthropic's
@@ -65,17 +65,7 @@ def parse(raw: Any, schema: type, overrides: Overrides) -> Any:
 
 
 def _check_block(block: Any, role: str, where: str) -> None:
-    kind = block.get("type") if isinstance(block, dict) else None
-    fate = FIELDS["block"].get(kind) if isinstance(kind, str) else None
-    if fate is None:
-        raise _invalid(f"{where}.type", f"must be text, tool_use or tool_result, not {json.dumps(kind)}")
-    if fate.embedded == "refused":
-        raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} blocks are not supported ({fate.why})",
-                        field=f"{where}.type")
-    for name, value in block.items():
-        if name not in BLOCK_FIELDS[kind]:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} block this server "
-                            "reads", field=f"{where}.{name}")
+    kind = typed_fate(block, FIELDS["block"], BLOCK_FIELDS, where, "block")
     _check_common(block, where)
     allowed = {"text": ("user", "assistant", "system"), "tool_use": ("assistant",), "tool_result": ("user",)}[kind]
     if role not in allowed:

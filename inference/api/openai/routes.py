@@ -57,13 +57,6 @@ def routes(service: Service) -> list[Route]:
     def model_object() -> dict[str, Any]:
         return {"id": service.model_id, "object": "model", "created": created, "owned_by": OWNED_BY}
 
-    def check_model(name: str) -> None:
-        if not service.engine.loaded:
-            return  # service.generate answers 503 model_not_ready
-        if name != service.model_id:
-            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
-                            f"'{service.model_id}' (GET /v1/models)", field="model")
-
     async def list_models(request: Request) -> Response:
         data = [model_object()] if service.engine.loaded else []
         return json_response({"object": "list", "data": data})
@@ -78,7 +71,7 @@ def routes(service: Service) -> list[Route]:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body, forwarded, forwarded_by_message = parse_chat(raw, settings, chat_limit)
         note_caller(request, body)
-        check_model(body.model)
+        service.check_model(body.model)
         # A schema (response_format, tools) may take a grammar compile (p99 ~0.1 s on real-world schemas, once per
         # schema: cached): off the event loop, so that other requests never wait on it.
         native = service.native_tools()  # worked out once
@@ -90,7 +83,7 @@ def routes(service: Service) -> list[Route]:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body, forwarded = parse_completion(raw, settings, completion_limit)
         note_caller(request, body)
-        check_model(body.model)
+        service.check_model(body.model)
         translate = (lambda: translate_completion(body, forwarded, settings))
         translated = await asyncio.to_thread(translate) if body.response_format else translate()  # as for chat
         return await respond(request, raw, body, translated)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from opentelemetry import trace
 
@@ -151,6 +151,28 @@ def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "
         if mode == "forwarded":
             forwarded[name] = value
     return forwarded
+
+
+def typed_fate(value: Any, fates: Mapping[str, Fate], fields: Mapping[str, Collection[str]], where: str, noun: str,
+               default: str | None = None) -> str:
+    """The `type` of one of a request's typed objects (a content block, an input item, a tool; `noun` says which),
+    `default` if it has none: a 422 unless it is an object of a type with a fate here, a 400 naming it if that
+    fate is "refused", and a 400 naming any field of it this server does not read."""
+    kind = value.get("type", default) if isinstance(value, dict) else None
+    fate = fates.get(kind) if isinstance(kind, str) else None
+    if fate is None:
+        used = [name for name, f in fates.items() if f.embedded == "used"]
+        expected = used[0] if len(used) == 1 else f"{', '.join(used[:-1])} or {used[-1]}"
+        raise HTTPError(422, "validation_error", f"{where}.type: must be {expected}, not {json.dumps(kind)}",
+                        field=f"{where}.type")
+    if fate.embedded == "refused":
+        raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} {noun}s are not supported ({fate.why})",
+                        field=f"{where}.type")
+    for name in value:
+        if name not in fields[kind]:
+            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} {noun} this "
+                            "server reads", field=f"{where}.{name}")
+    return kind
 
 
 def message_fates(raw: Any, embedded: bool) -> list[dict[str, Any]]:

@@ -43,11 +43,6 @@ def routes(service: Service) -> list[Route]:
     conversations = service.conversations
     limit = {"max_output_tokens": {"le": settings.max_tokens_limit}}
 
-    def check_model(name: str) -> None:
-        if service.engine.loaded and name != service.model_id:
-            raise HTTPError(404, "model_not_found", f"The model '{name}' does not exist; this server serves "
-                            f"'{service.model_id}' (GET /v1/models)", field="model")
-
     relayed = "responses" in settings.upstream_passthrough
 
     def owner(request: Request) -> str:
@@ -58,7 +53,7 @@ def routes(service: Service) -> list[Route]:
             return await passthrough.relay(service, request, "responses", "max_output_tokens", OPENAI)
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body = parse(raw, limit)
-        check_model(body.model)
+        service.check_model(body.model)
         note_user(request, body.user or body.safety_identifier)
         span = trace.get_current_span()
         if body.prompt_cache_key:

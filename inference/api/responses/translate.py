@@ -16,7 +16,7 @@ from ...serving.tool_syntax import NativeTools
 from ...serving.tools import FUNCTION_NAME
 from ...web.errors import HTTPError
 from ...web.validation import from_json
-from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat
+from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat, typed_fate
 from .schemas import FIELDS, ITEM_FIELDS, MAX_ITEMS, PART_FIELDS, TOOL_FIELDS, ResponsesRequest
 
 # OpenAI chat's field names in a refusal from the shared translation, as this request named them.
@@ -82,20 +82,8 @@ def parse(raw: Any, overrides: Overrides) -> ResponsesRequest:
 
 
 def _check_item(item: Any, where: str) -> None:
-    if not isinstance(item, dict):
-        raise _invalid(where, "must be an object")
-    kind = item.get("type", "message" if "role" in item else None)
-    fate = FIELDS["item"].get(kind) if isinstance(kind, str) else None
-    if fate is None:
-        raise _invalid(f"{where}.type", "must be message, function_call or function_call_output, not "
-                                        f"{json.dumps(kind)}")
-    if fate.embedded == "refused":
-        raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} items are not supported ({fate.why})",
-                        field=f"{where}.type")
-    for name in item:
-        if name not in ITEM_FIELDS[kind]:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} item this server "
-                            "reads", field=f"{where}.{name}")
+    kind = typed_fate(item, FIELDS["item"], ITEM_FIELDS, where, "item",
+                      default="message" if isinstance(item, dict) and "role" in item else None)
     if item.get("id") is not None and not isinstance(item["id"], str):
         raise _invalid(f"{where}.id", "must be a string")
     if kind == "message":
@@ -132,17 +120,7 @@ def _check_item(item: Any, where: str) -> None:
 
 
 def _check_part(part: Any, role: str, where: str) -> None:
-    kind = part.get("type") if isinstance(part, dict) else None
-    fate = FIELDS["part"].get(kind) if isinstance(kind, str) else None
-    if fate is None:
-        raise _invalid(f"{where}.type", f"must be input_text, output_text or refusal, not {json.dumps(kind)}")
-    if fate.embedded == "refused":
-        raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} parts are not supported ({fate.why})",
-                        field=f"{where}.type")
-    for name in part:
-        if name not in PART_FIELDS[kind]:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} part this server "
-                            "reads", field=f"{where}.{name}")
+    kind = typed_fate(part, FIELDS["part"], PART_FIELDS, where, "part")
     if kind != "input_text" and role != "assistant":
         raise _invalid(f"{where}.type", f"{kind} belongs in an assistant's message, not a {role}'s")
     value = part.get("refusal" if kind == "refusal" else "text")
@@ -154,19 +132,7 @@ def _check_part(part: Any, role: str, where: str) -> None:
 
 
 def _check_tool(tool: Any, where: str) -> None:
-    if not isinstance(tool, dict):
-        raise _invalid(where, "must be an object {type: function, name, parameters}")
-    kind = tool.get("type")
-    fate = FIELDS["tool"].get(kind) if isinstance(kind, str) else None
-    if fate is None:
-        raise _invalid(f"{where}.type", f'must be "function", not {json.dumps(kind)}')
-    if fate.embedded == "refused":
-        raise HTTPError(400, "unsupported_parameter", f"{where}.type: {kind} tools are not supported ({fate.why})",
-                        field=f"{where}.type")
-    for name in tool:
-        if name not in TOOL_FIELDS:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a function tool this "
-                            "server reads", field=f"{where}.{name}")
+    typed_fate(tool, FIELDS["tool"], {"function": TOOL_FIELDS}, where, "tool")
     if tool.get("defer_loading"):
         raise HTTPError(400, "unsupported_parameter", f"{where}.defer_loading: tool search is not supported",
                         field=f"{where}.defer_loading")
