@@ -48,7 +48,8 @@ class Service:
     def native_tools(self) -> NativeTools | None:
         """The chat template's own tool-call syntax (tool_syntax.py), when the embedded engine's template has one."""
         engine = self.engine
-        if not isinstance(engine, Tokenizer) or not engine.loaded:
+        # An upstream writes its own calls; asked first, as isinstance against a Protocol is slow (each request).
+        if not self.settings.embedded or not engine.loaded or not isinstance(engine, Tokenizer):
             return None
         template = engine.chat_template()
         if self._native is None or self._native[0] != template:  # worked out once per template
