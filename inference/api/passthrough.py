@@ -94,21 +94,33 @@ async def _passed(generation: Generation, outcome: StreamOutcome, dialect: Diale
 async def fetch(service: Service, request: Request, method: str, response_id: str, suffix: str = "") -> Response:
     """A stored response's route (GET, DELETE, input_items: `suffix`) answered by the upstream that stored it, for
     the caller that made it (404 for another): its answer as it came, unless the upstream failed (502)."""
-    engine = service.engine
-    if not isinstance(engine, UpstreamEngine):  # config.check: passthrough needs MODEL_BACKEND=openai
-        raise HTTPError(501, "not_supported", "passthrough needs the upstream backend")
     service.model()
     await service.conversations.check_owner(owner_of(client_id(request.scope, service.settings.trusted_proxies)),
                                             response_id)
-    path = "responses/" + quote(response_id, safe="") + suffix
-    status, raw = await _fetched(engine, method, path, request.scope.get("query_string", b"").decode("latin-1"))
+    return await _forwarded(service, method, "responses/" + quote(response_id, safe="") + suffix,
+                            request.scope.get("query_string", b"").decode("latin-1"))
+
+
+async def count(service: Service, request: Request) -> Response:
+    """Anthropic's count_tokens answered by the upstream's own (its tokenizer is there)."""
+    settings = service.settings
+    raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
+        raise HTTPError(422, "validation_error", "model: required, a string", field="model")
+    info = service.model()
+    service.check_model(raw["model"])
+    return await _forwarded(service, "POST", "messages/count_tokens", "",
+                            json.dumps({**raw, "model": info.name}).encode())
+
+
+async def _forwarded(service: Service, method: str, path: str, query: str, body: bytes | None = None) -> Response:
+    engine = service.engine
+    if not isinstance(engine, UpstreamEngine):  # config.check: passthrough needs MODEL_BACKEND=openai
+        raise HTTPError(501, "not_supported", "passthrough needs the upstream backend")
+    try:
+        status, raw = await engine.fetch(method, path, query, body)
+    except EngineError as exc:
+        raise http_error_of(exc) from None
     if status >= 500:
         raise HTTPError(502, "upstream_error", f"the upstream answered {status}")
     return Response(raw, status=status, media_type="application/json")
-
-
-async def _fetched(engine: UpstreamEngine, method: str, path: str, query: str) -> tuple[int, bytes]:
-    try:
-        return await engine.fetch(method, path, query)
-    except EngineError as exc:
-        raise http_error_of(exc) from None

@@ -442,15 +442,15 @@ class UpstreamEngine:
         self._live.add(generation)
         return generation
 
-    async def fetch(self, method: str, path: str, query: str = "") -> tuple[int, bytes]:
-        """A plain call to the upstream (a stored response's GET or DELETE, UPSTREAM_PASSTHROUGH): its status and
-        body. `path` is under the base URL; the caller quotes what came from its client."""
+    async def fetch(self, method: str, path: str, query: str = "", body: bytes | None = None) -> tuple[int, bytes]:
+        """A plain call to the upstream (UPSTREAM_PASSTHROUGH: a stored response's GET or DELETE, a count of
+        tokens): its status and body. `path` is under the base URL; the caller quotes what came from its client."""
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
         aiohttp = _aiohttp()
         url = f"{self.base_url}/{path}" + (f"?{query}" if query else "")
         try:
-            async with self._get_session().request(method, url) as response:
+            async with self._get_session().request(method, url, data=body) as response:
                 return response.status, await response.read()
         except asyncio.TimeoutError:
             raise UpstreamError(504, "upstream_timeout",

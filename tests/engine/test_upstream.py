@@ -407,6 +407,9 @@ def test_passthrough_sends_messages_and_responses_on_unchanged(passthrough, live
         assert through.content == straight.content and through.usage == straight.usage
         with via.messages.stream(**kwargs) as stream:
             assert "".join(stream.text_stream) == straight.content[0].text
+        counted = via.messages.count_tokens(model=model_id, messages=ask("What is 2+2?"))  # the upstream's count
+        assert counted.input_tokens == direct.messages.count_tokens(model=model_id,
+                                                                    messages=ask("What is 2+2?")).input_tokens > 0
         with pytest.raises(anthropic.BadRequestError) as refused:  # the upstream's refusal, in Anthropic's shape
             via.messages.create(**{**kwargs, "messages": [{"role": "user", "content": [
                 {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}]})

@@ -351,7 +351,9 @@ def test_an_export_process_that_stops_reading_never_blocks_the_service(monkeypat
                        for ss in rs.scope_spans)
         # what the export process then could not queue (OTEL_BSP_MAX_QUEUE_SIZE) was counted too: none is unaccounted
         assert exported + metrics.registry.get_sample_value("inference_spans_dropped_total") == total
-        assert exported > 2048
+        # At least a full queue: how much more depends on how fast its exporter thread drains the queue while the
+        # process reads the backlog (on a slow, busy machine: exactly one queue's worth).
+        assert exported >= 2048
     finally:
         process.send_signal(signal.SIGCONT)
         tracing.shutdown()

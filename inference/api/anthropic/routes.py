@@ -86,6 +86,8 @@ def routes(service: Service) -> list[Route]:
         return json_response(render.whole(generation, text, message_id, service.model_id, translated))
 
     async def count_tokens(request: Request) -> Response:
+        if "messages" in settings.upstream_passthrough:  # the upstream's own, with its tokenizer
+            return await passthrough.count(service, request)
         service.model()  # 503 (529 here) while loading
         engine = service.engine
         if not isinstance(engine, Tokenizer):
