@@ -14,6 +14,8 @@ from ..store.base import Store
 from ..telemetry.tracing import Metrics, Tracing
 from ..web.errors import HTTPError
 from ..web.http import Request, Response, Scope
+from ..web.identity import client_id
+from ..web.state import state
 from .cache import ResponseCache
 from .conversations import Conversations
 from .generation import Generator
@@ -75,6 +77,14 @@ class Service:
         `produce()`'s. `material` is the normalized request (the cache key's and the retry check's)."""
         return await self.idempotency.serve(
             request, material, lambda: self.cache.serve(request, material, deterministic, produce))
+
+    async def generate_for(self, request: Request, generation: GenerationRequest) -> Generation:
+        """The generation an HTTP request asked for: counted against its client, its prompt in the request log when
+        LOG_PROMPTS is on."""
+        if self.settings.log_prompts:
+            state(request.scope).prompt = [{"role": m.role, "content": m.content} for m in generation.messages or ()]
+        return await self.generate(generation, client_id(request.scope, self.settings.trusted_proxies),
+                                   request.scope)
 
     async def generate(self, request: GenerationRequest, client: str | None = None,
                        scope: Scope | None = None) -> Generation:

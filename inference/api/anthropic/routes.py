@@ -18,7 +18,6 @@ from ...serving.generation import complete, http_error_of
 from ...serving.service import Service
 from ...web.errors import HTTPError
 from ...web.http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response
-from ...web.identity import client_id
 from ...web.router import Route
 from ...web.state import state
 from ...web.validation import plain
@@ -69,12 +68,7 @@ def routes(service: Service) -> list[Route]:
         return await service.respond(request, material, deterministic, produce)
 
     async def generate(request: Request, body: MessagesRequest, translated: Translated) -> Response:
-        if settings.log_prompts:
-            state(request.scope).prompt = [{"role": m.role, "content": m.content}
-                                           for m in translated.generation.messages or ()]
-        generation = await service.generate(translated.generation,
-                                             client=client_id(request.scope, settings.trusted_proxies),
-                                             scope=request.scope)
+        generation = await service.generate_for(request, translated.generation)
         message_id = render.new_id()
         if body.stream:
             outcome = StreamOutcome()

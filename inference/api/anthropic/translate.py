@@ -15,6 +15,7 @@ from ...serving.tool_syntax import NativeTools
 from ...serving.tools import FUNCTION_NAME as TOOL_NAME
 from ...web.errors import HTTPError
 from ...web.validation import from_json
+from ..openai.schemas import Fate
 from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat, typed_fate
 from .schemas import BLOCK_FIELDS, FIELDS, TOOL_FIELDS, AnthropicMessage, CountTokensRequest, MessagesRequest
 
@@ -22,18 +23,15 @@ DEFAULT_TEMPERATURE = 1.0  # Anthropic's
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # "tool" names one: OpenAI's named function
 # OpenAI's field names in a refusal from the shared translation, as this request named them.
 FIELD_NAMES = {"response_format": "output_config.format", "stop": "stop_sequences"}
+UNKNOWN = Fate("refused", "refused", "not a field this server knows (README: Anthropic fields)", allowed=())
 Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def parse(raw: Any, schema: type, overrides: Overrides) -> Any:
     """The request as `schema` (MessagesRequest or CountTokensRequest): a field or block this service cannot
     honour is a 400 naming it, an unknown field a 400 too, a wrong one a 400 saying which and why."""
-    fates = FIELDS["messages" if schema is MessagesRequest else "count_tokens"]
-    fields_fate(raw, fates, embedded=True)
-    for name in raw if isinstance(raw, dict) else ():
-        if name not in fates:
-            raise HTTPError(400, "unsupported_parameter", f"{name}: not a field this server knows (README: "
-                            "Anthropic fields)", field=name)
+    fields_fate(raw, FIELDS["messages" if schema is MessagesRequest else "count_tokens"], embedded=True,
+                unknown=UNKNOWN)
     body = from_json(schema, raw, overrides=overrides)
     for i, message in enumerate(body.messages):
         if message.content == []:

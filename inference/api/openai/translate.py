@@ -137,14 +137,15 @@ def effective(body: SamplingFields) -> dict[str, float]:
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty}
 
 
-def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "") -> dict[str, Any]:
+def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "",
+                unknown: Fate = UNKNOWN) -> dict[str, Any]:
     """Refuse (400 naming it) each field whose fate here is "refused" and whose value asks for something; return
-    the fields to forward to an upstream as they came (schemas.FIELDS)."""
+    the fields to forward to an upstream as they came (schemas.FIELDS). `unknown`: the fate of any other field."""
     forwarded: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return forwarded
     for name, value in raw.items():
-        fate = fates.get(name, UNKNOWN)
+        fate = fates.get(name, unknown)
         mode = fate.embedded if embedded else fate.gateway
         if mode == "refused" and fate.asks(value):
             raise HTTPError(400, "unsupported_parameter", f"{where}{name}: {fate.why}", field=f"{where}{name}")

@@ -82,12 +82,7 @@ def routes(service: Service) -> list[Route]:
         # Tools or a format may take a grammar compile (once per schema): off the event loop.
         work = (lambda: translate(body, history + items, len(history), settings, native))
         translated = await asyncio.to_thread(work) if body.tools or body.text else work()
-        if settings.log_prompts:
-            state(request.scope).prompt = [{"role": m.role, "content": m.content}
-                                           for m in translated.generation.messages or ()]
-        generation = await service.generate(translated.generation,
-                                             client=client_id(request.scope, settings.trusted_proxies),
-                                             scope=request.scope)
+        generation = await service.generate_for(request, translated.generation)
         response = render.base(new_id("resp"), body, service.model_id, store=body.store is not False)
 
         async def keep(final: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from ...serving.tool_syntax import NativeTools
 from ...serving.tools import FUNCTION_NAME
 from ...web.errors import HTTPError
 from ...web.validation import from_json
+from ..openai.schemas import Fate
 from ..openai.translate import Translated, fields_fate, parse_chat, translate_chat, typed_fate
 from .schemas import FIELDS, ITEM_FIELDS, MAX_ITEMS, PART_FIELDS, TOOL_FIELDS, ResponsesRequest
 
@@ -24,6 +25,7 @@ FIELD_NAMES = {"response_format": "text.format", "max_tokens": "max_output_token
                "tools": "tools", "tool_choice": "tool_choice"}
 # ... and the places inside them: a format's schema is at its top level, a tool's fields are not under "function".
 PLACE_NAMES = (('"json_schema.', '"'), ("].function.", "]."))
+UNKNOWN = Fate("refused", "refused", "not a field this server knows (README: Responses fields)", allowed=())
 ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 Overrides = Mapping[str, Mapping[str, Any]]
 
@@ -35,12 +37,7 @@ def new_id(prefix: str) -> str:
 def parse(raw: Any, overrides: Overrides) -> ResponsesRequest:
     """The request: a field, item, part or tool this service cannot honour is a 400 naming it, an unknown field a
     400 too, a wrong one a 400 saying which and why."""
-    fates = FIELDS["responses"]
-    fields_fate(raw, fates, embedded=True)
-    for name in raw if isinstance(raw, dict) else ():
-        if name not in fates:
-            raise HTTPError(400, "unsupported_parameter", f"{name}: not a field this server knows (README: "
-                            "Responses fields)", field=name)
+    fields_fate(raw, FIELDS["responses"], embedded=True, unknown=UNKNOWN)
     body = from_json(ResponsesRequest, raw, overrides=overrides)
     if isinstance(body.input, list):
         if not body.input:
