@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ...serving.cache import labelled_errors
 from ...serving.generation import complete_all
@@ -33,6 +33,7 @@ from .schemas import (
 )
 from .translate import (
     Translated,
+    added_system_prompt,
     effective,
     note_caller,
     parse_chat,
@@ -72,34 +73,38 @@ def routes(service: Service) -> list[Route]:
         body, forwarded, forwarded_by_message = parse_chat(raw, settings, chat_limit)
         note_caller(request, body)
         service.check_model(body.model)
-        # A schema (response_format, tools) may take a grammar compile (p99 ~0.1 s on real-world schemas, once per
-        # schema: cached): off the event loop, so that other requests never wait on it.
         native = service.native_tools()  # worked out once
-        translate = (lambda: translate_chat(raw, body, forwarded, forwarded_by_message, settings, native))
-        translated = await asyncio.to_thread(translate) if body.response_format or body.tools else translate()
-        return await respond(request, raw, body, translated)
+        return await respond(request, raw, body, added_system_prompt(body.messages, settings),
+                             lambda: translate_chat(raw, body, forwarded, forwarded_by_message, settings, native),
+                             heavy=bool(body.response_format or body.tools))
 
     async def completions(request: Request) -> Response:
         raw = await request.json(settings.max_body_bytes, settings.body_timeout_seconds)
         body, forwarded = parse_completion(raw, settings, completion_limit)
         note_caller(request, body)
         service.check_model(body.model)
-        translate = (lambda: translate_completion(body, forwarded, settings))
-        translated = await asyncio.to_thread(translate) if body.response_format else translate()  # as for chat
-        return await respond(request, raw, body, translated)
+        return await respond(request, raw, body, None, lambda: translate_completion(body, forwarded, settings),
+                             heavy=bool(body.response_format))
 
-    async def respond(request: Request, raw: Any, body: SamplingFields, translated: Translated) -> Response:
-        """A retry's first answer, else the cache's, else a new one. The cache key: every field the client sent,
-        known ones normalized, unset sampling fields as the values they mean, and the system prompt added."""
+    async def respond(request: Request, raw: Any, body: SamplingFields, system: str | None,
+                      translate: Callable[[], Translated], heavy: bool) -> Response:
+        """A retry's first answer, else the cache's, else a new one, translated only then (a hit costs none). The
+        cache key: every field the client sent, known ones normalized, unset sampling fields as the values they
+        mean, and the system prompt the service adds. `heavy`: a schema (response_format, tools) may take a grammar
+        compile (p99 ~0.1 s on real-world schemas, once per schema: cached), so it is translated off the event
+        loop, where other requests never wait on it."""
         info = service.model()
         normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body), **effective(body)}
         material = {"endpoint": state(request.scope).route, "model": service.model_id, "revision": info.revision,
                     "body": normalized}
-        if translated.system is not None:
-            material["system_prompt"] = translated.system
+        if system is not None:
+            material["system_prompt"] = system
         deterministic = body.temperature == 0 or body.seed is not None
-        return await service.respond(request, material, deterministic,
-                                     lambda: generate(request, body, translated))
+
+        async def produce() -> Response:
+            return await generate(request, body, await asyncio.to_thread(translate) if heavy else translate())
+
+        return await service.respond(request, material, deterministic, produce)
 
     async def generate(request: Request, body: SamplingFields, translated: Translated) -> Response:
         """Generate, then render as a chat completion or a text completion, streamed or whole."""

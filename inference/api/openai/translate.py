@@ -232,11 +232,19 @@ def chat_messages(messages: list[ChatCompletionMessage], forwarded: list[dict[st
     one: small models answer far better with it. An upstream's model has its own defaults. `forwarded`: each
     message's fields for an upstream (message_fates). `syntax`: the embedded template writes tool calls and
     results itself."""
-    embedded = settings.embedded
-    converted = [_chat_message(message, embedded, fields, syntax) for message, fields in zip(messages, forwarded)]
-    if settings.chat_system_prompt and embedded and not any(m.role == "system" for m in converted):
-        return (ChatMessage("system", settings.system_prompt), *converted), settings.system_prompt
-    return tuple(converted), None
+    converted = tuple(_chat_message(message, settings.embedded, fields, syntax)
+                      for message, fields in zip(messages, forwarded))
+    system = added_system_prompt(messages, settings)
+    return ((ChatMessage("system", system), *converted) if system is not None else converted), system
+
+
+def added_system_prompt(messages: list[ChatCompletionMessage], settings: Settings) -> str | None:
+    """The system prompt chat_messages adds to these messages: SYSTEM_PROMPT for the embedded model when none of them
+    is a system (or developer) message, else None. Known before translating: the cache key holds it."""
+    if settings.chat_system_prompt and settings.embedded and not any(
+            ROLES.get(m.role, m.role) == "system" for m in messages):
+        return settings.system_prompt
+    return None
 
 
 def _chat_message(message: ChatCompletionMessage, embedded: bool, forwarded: dict[str, Any],
