@@ -202,10 +202,11 @@ def test_a_queued_request_whose_client_left_never_runs(model_file):
     assert pieces == [] and left.finish_reason is None and left.completion_tokens == 0 and depth == 0
 
 
-def test_a_burst_into_an_empty_queue_is_refused_before_any_of_it_is_prepared(model_file):
-    """Queue places are held from admission on: of a burst far larger than the queue, only what fits is rendered
-    and tokenized; the rest is refused at once. A request whose preparation fails gives its place back."""
-    with own_engine(model_file, max_concurrent=1, max_queued=2) as engine:
+def test_a_burst_into_an_idle_engine_gets_every_slot_and_the_queue_and_the_rest_is_refused_unprepared(model_file):
+    """Places are held from admission on: of a burst far larger than the room (the free slots plus the queue),
+    exactly what fits is rendered and tokenized; the rest is refused at once. A request whose preparation fails
+    gives its place back."""
+    with own_engine(model_file, max_concurrent=2, max_queued=4) as engine:
         prepared = []
         prepare = engine._prepare
 
@@ -223,15 +224,18 @@ def test_a_burst_into_an_empty_queue_is_refused_before_any_of_it_is_prepared(mod
 
         async def scenario():
             results = await asyncio.gather(*(engine.generate(request(f"Name fruit number {i}.", max_tokens=2))
-                                             for i in range(12)), return_exceptions=True)
+                                             for i in range(60)), return_exceptions=True)
             accepted = [r for r in results if not isinstance(r, BaseException)]
             refused = [r for r in results if isinstance(r, EngineOverloaded)]
-            for generation in accepted:
-                await generation.aclose()
+            for generation in accepted:  # each one admitted runs to its end (the engine process takes them all)
+                async for _ in generation:
+                    pass
             return accepted, refused
 
         accepted, refused = asyncio.run(scenario())
-        assert (len(accepted), len(refused), len(prepared)) == (2, 10, 2)
+        assert all(generation.finish_reason in ("stop", "length") for generation in accepted)
+        # 2 slots + 4 queue places (it was 4 of 60: admission counted the queue alone)
+        assert (len(accepted), len(refused), len(prepared)) == (6, 54, 6)
         assert engine._admitted == 0
 
 

@@ -347,9 +347,9 @@ class LlamaEngine:
         return (await self.generate_many(request, 1, admission))[0]
 
     def admit(self, request: GenerationRequest, n: int = 1) -> Admission:
-        """Hold `n` places in the queue for `request`, about to be prepared, or refuse it at once: a prompt too long
-        for the context (PromptTooLong), no room (EngineOverloaded). A burst into an empty queue is refused before
-        any of it is rendered or tokenized."""
+        """Hold `n` places (a free slot, else a place in the queue) for `request`, about to be prepared, or refuse
+        it at once: a prompt too long for the context (PromptTooLong), no room (EngineOverloaded). What a burst into
+        an idle engine cannot fit is refused before any of it is rendered or tokenized."""
         if request.relay is not None:
             raise InvalidPrompt("the embedded engine cannot pass a request on (UPSTREAM_PASSTHROUGH needs an upstream)")
         self.check_length(request)
@@ -359,9 +359,11 @@ class LlamaEngine:
         if supervisor.state == "failed":
             raise EngineNotReady(supervisor.reason or "the engine failed")
         with self._lock:
-            held = self._waiting + self._admitted
-            if held + n > max(self.max_queued, n):
-                raise EngineOverloaded(held, self.retry_after())
+            # Room is the free slots plus the queue: every request held here (running, waiting, or admitted and
+            # being prepared) counts against both together, so a burst into an idle engine gets all of it.
+            held = len(self._requests) + self._admitted
+            if held + n > max(self.max_queued + self.max_concurrent, n):
+                raise EngineOverloaded(self._waiting + self._admitted, self.retry_after())
             self._admitted += n
         return Admission(n, lambda: self._unadmit(n))
 

@@ -132,7 +132,8 @@ class Scheduler:
         with self.lock:
             if self.closed:
                 raise EngineNotReady("the service is shutting down")
-            if len(self.waiting) + len(sequences) > max(self.max_queued, len(sequences)):
+            held = len(self.waiting) + len(self.running)  # the free slots are room too, not the queue alone
+            if held + len(sequences) > max(self.max_queued + self.slots, len(sequences)):
                 raise EngineOverloaded(len(self.waiting), self.retry_after())
             for sequence in sequences:
                 sequence.outbox = self.outbox
