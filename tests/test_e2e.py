@@ -132,7 +132,7 @@ def test_sigterm_lets_the_request_in_flight_finish(model_file):
     import json
     import signal
 
-    from conftest import ServerProcess, says_four
+    from conftest import ServerProcess
 
     proc = ServerProcess({"MODEL_PATH": str(model_file[0]), "DRAIN_DELAY_SECONDS": "0.2"})
     try:

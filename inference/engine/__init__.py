@@ -1,5 +1,5 @@
 """Engines: the contract the service may rely on (base.py), the embedded llama.cpp engine in a supervised process
-of its own (llama/, with the default model's download), and an OpenAI-compatible upstream (upstream.py).
+of its own (llama/, with the default model's download), and an OpenAI-compatible upstream (upstream/).
 May import config and telemetry (the engine process's logs); never web, serving or api.
 `create_engine` is the one place that picks an engine from the settings."""
 

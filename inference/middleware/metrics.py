@@ -14,9 +14,8 @@ from typing import Any, Callable
 
 from ..config import Settings
 from ..telemetry.tracing import Metrics, exemplar, trace_id
-from ..web.dialect import FinalStatus
 from ..web.http import ASGIApp, Receive, Scope, Send
-from ..web.state import state
+from ..web.state import FinalStatus, state
 
 log = logging.getLogger("inference.access")
 

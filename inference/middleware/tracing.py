@@ -7,9 +7,8 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..telemetry.tracing import Tracing
-from ..web.dialect import FinalStatus
 from ..web.http import ASGIApp, Receive, Scope, Send
-from ..web.state import state
+from ..web.state import FinalStatus, state
 
 PROPAGATOR = TraceContextTextMapPropagator()
 CARRIED = {b"traceparent", b"tracestate"}

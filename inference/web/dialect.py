@@ -1,5 +1,6 @@
 """An API dialect: how one family of routes answers errors (status, body, the body's OpenAPI schema). The error
-middleware renders a failure in the dialect of the route it happened on; `NATIVE` is the framework's own."""
+middleware renders a failure in the dialect of the route it happened on (state.py: dialect_of); `NATIVE` is the
+framework's own."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import HTTPError
-from .http import ClientDisconnected, Response, Scope, json_response
-from .state import state
+from .http import Response, json_response
 from .validation import spec
 
 
@@ -57,45 +57,3 @@ def native_body(error: HTTPError, request_id: str | None) -> dict[str, Any]:
 
 
 NATIVE = Dialect("native", ErrorResponse, native_body)
-
-
-def dialect_of(scope: Scope) -> Dialect:
-    """The dialect this request is answered in (set by the error middleware; the framework's own before that)."""
-    return state(scope).dialect or NATIVE
-
-
-def response_status(error: HTTPError, scope: Scope) -> int:
-    """The status `error` is answered with on this request (the OpenAI API says 400 for 422)."""
-    return dialect_of(scope).status(error)
-
-
-class FinalStatus:
-    """The status a request ends with, however it ends: what `http.response.start` said, else the status its
-    HTTPError is answered with in the request's dialect, 499 when the client left before an answer (nginx's "client
-    closed request"), 500 for anything else. The metrics and tracing middlewares both read it."""
-
-    __slots__ = ("status", "headers", "error")
-
-    def __init__(self) -> None:
-        self.status = 500
-        self.headers: Any = ()
-        self.error: HTTPError | None = None
-
-    def watch(self, send: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        async def watched(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                self.status = message["status"]
-                self.headers = message.get("headers", ())
-            await send(message)
-
-        return watched
-
-    def failed(self, exc: Exception, scope: Scope) -> bool:
-        """Note how the request failed; True when it was not an answer (neither an HTTPError nor a client gone)."""
-        if isinstance(exc, HTTPError):
-            self.status, self.error = response_status(exc, scope), exc
-        elif isinstance(exc, ClientDisconnected):
-            self.status = 499
-        else:
-            return True
-        return False

@@ -10,7 +10,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
 from urllib.parse import parse_qsl
 
 from .errors import HTTPError
-from .state import state
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,7 +48,7 @@ class Request:
 
     @property
     def path_params(self) -> dict[str, str]:
-        return state(self.scope).path_params or {}
+        return self.scope.get("path_params") or {}  # set by the router, as Starlette does
 
     @property
     def query(self) -> dict[str, str]:

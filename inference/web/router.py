@@ -109,6 +109,6 @@ class Router:
             )
         # Telemetry labels spans and metrics with the template, never the raw path.
         request_state = state(scope)
-        request_state.route, request_state.path_params = route.template, params
+        request_state.route, scope["path_params"] = route.template, params
         response = await route.handler(Request(scope, receive))
         await response(scope, receive, send)

@@ -4,7 +4,8 @@ so the service never probes with hasattr or getattr."""
 import inspect
 
 from inference.engine.base import Engine, Generation, Tokenizer
-from inference.engine.llama.engine import LlamaEngine, LlamaGeneration
+from inference.engine.llama.engine import LlamaEngine
+from inference.engine.llama.generation import LlamaGeneration
 from inference.engine.upstream import UpstreamEngine, UpstreamGeneration
 
 

@@ -19,7 +19,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..base import ModelInfo
+
 log = logging.getLogger(__name__)
+
+BACKEND = "llama.cpp"
+HASH_CHUNK = 1 << 20
+# GGUF general.file_type -> the quantization's usual name (llama.cpp's llama_ftype enum).
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+}
 
 
 @dataclass(frozen=True)
@@ -105,3 +117,41 @@ def pull(cache_dir: Path, source: ModelSource = DEFAULT_MODEL) -> Path:
         os.replace(partial, target)
     log.info("default model ready at %s", target)
     return target
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_info(path: Path, sha256: str, meta: dict[str, str], n_ctx: int, n_params: int) -> ModelInfo:
+    arch = meta.get("general.architecture", "")
+    file_type = meta.get("general.file_type")
+    quantization = FILE_TYPES.get(int(file_type)) if file_type and file_type.isdigit() else None
+    # The file's name is what operators chose and recognise; general.name is often a training-run label.
+    name = path.stem
+    basename = meta.get("general.basename")
+    size_label = meta.get("general.size_label")
+    description = meta.get("general.description") or " ".join(
+        x for x in (f"{meta.get('general.name') or name}:", arch and f"{arch} architecture,", size_label and f"{size_label} parameters,",
+                    quantization and f"{quantization} quantization,", "GGUF served by llama.cpp") if x
+    )
+    extra = {k: v for k, v in (("general_name", meta.get("general.name", "")), ("architecture", arch),
+                               ("basename", basename or ""),
+                               ("trained_context_length", meta.get(f"{arch}.context_length", "")),
+                               ("license", meta.get("general.license", ""))) if v}
+    return ModelInfo(
+        name=name,
+        revision=sha256[:12],
+        backend=BACKEND,
+        description=description,
+        context_length=n_ctx,
+        quantization=quantization,
+        parameters=n_params or None,
+        path=str(path),
+        sha256=sha256,
+        extra=extra,
+    )

@@ -1,13 +1,10 @@
 """The upstream engine: generation forwarded to an OpenAI-compatible server (vLLM, llama.cpp, TGI, Ollama...).
 
 One pooled aiohttp ClientSession carries every request (aiohttp rather than httpx: on our 2-core machines
-httpx's client tops out near 750 requests/s on its own, aiohttp near 6,000; see the README). `generate` sends
-the request and waits for the upstream's status line, so refusals and outages become HTTP errors before any
-byte goes to the client. The body is then read as the caller iterates: SSE lines when streaming, one JSON
-document otherwise. `cancel()` closes the upstream connection, so the upstream stops generating too.
-
-Over 400 lines on purpose: it is one protocol end to end (the request it sends, the SSE and JSON it reads back, tool
-calls and reasoning as they arrive, the upstream's errors as ours), and each part follows from the others.
+httpx's client tops out near 750 requests/s on its own, aiohttp near 6,000; see the README). `generate` builds the
+request the upstream gets, sends it and waits for the upstream's status line, so refusals and outages become HTTP
+errors before any byte goes to the client; the answer is then read as the caller iterates (stream.py, relay.py).
+`cancel()` closes the upstream connection, so the upstream stops generating too.
 """
 
 from __future__ import annotations
@@ -18,25 +15,24 @@ import json
 import logging
 import threading
 import time
-import urllib.error
 import urllib.request
 import weakref
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .base import (
+from ..base import (
     Admission,
     ChatMessage,
     EngineNotReady,
-    FinishReason,
     GenerationRequest,
     ModelInfo,
     RequestTimeout,
-    TokenLogprob,
     UpstreamError,
 )
+from .relay import UpstreamRelay
+from .stream import UpstreamGeneration, aiohttp_module
 
 log = logging.getLogger(__name__)
 
@@ -46,235 +42,6 @@ DISCOVERY_RETRY_SECONDS = 2.0
 MAX_CONNECTIONS = 256
 JSON_HEADERS = {"Content-Type": "application/json"}
 PROPAGATOR = TraceContextTextMapPropagator()
-
-
-def _aiohttp() -> Any:
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - depends on the install
-        raise UpstreamError(500, "missing_dependency",
-                            "MODEL_BACKEND=openai needs aiohttp: pip install 'inference[upstream]'") from None
-    return aiohttp
-
-
-class UpstreamGeneration:
-    """Text pieces read from the upstream's answer as the caller iterates."""
-
-    def __init__(self, response: Any, stream: bool, timeout: float, deadline: float | None = None) -> None:
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.finish_reason: FinishReason | None = None
-        self.logprobs: list[TokenLogprob] = []
-        self.tool_calls: list[dict[str, Any]] = []  # the upstream's, in OpenAI's shape (streamed ones assembled)
-        self.reused_prompt_tokens = 0  # the upstream's prefix cache is its own business
-        self.stop_sequence: str | None = None  # vLLM says which one matched (`stop_reason`); others do not
-        self.reasoning = ""  # a reasoning model's reasoning_content (or reasoning), as far as it has come
-        self._reasoning_sent = 0
-        self._response = response
-        self._timeout = timeout
-        self._deadline = deadline
-        self._started = time.monotonic()
-        self._cancelled = False
-        self._aborted = False
-        self._pieces = self._read_stream() if stream else self._read_whole()
-
-    def __aiter__(self) -> "UpstreamGeneration":
-        return self
-
-    async def __anext__(self) -> str:
-        aiohttp = _aiohttp()
-        try:
-            return await self._pieces.__anext__()
-        except StopAsyncIteration:
-            self._response.release()
-            if self._aborted:
-                raise EngineNotReady("the service is shutting down") from None
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
-            self._response.close()
-            if self._aborted:
-                raise EngineNotReady("the service is shutting down") from None
-            if self._cancelled:
-                self.finish_reason = None
-                raise StopAsyncIteration from None
-            if isinstance(exc, asyncio.TimeoutError):
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    raise RequestTimeout(self._deadline - self._started) from None
-                raise UpstreamError(504, "upstream_timeout", f"the upstream stalled for {self._timeout:g} s") from None
-            raise UpstreamError(502, "upstream_error", f"the upstream's answer broke off: {exc!r}") from None
-
-    def take_reasoning(self) -> str:
-        new, self._reasoning_sent = self.reasoning[self._reasoning_sent:], len(self.reasoning)
-        return new
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._response.close()  # wakes a pending read, which then ends the iteration
-
-    def abort(self) -> None:
-        """End with an error (shutdown): the caller's stream gets an error event, not a silent end."""
-        if self.finish_reason is None:
-            self._aborted = True
-            self.cancel()
-
-    async def aclose(self) -> None:
-        if not self._response.closed and self.finish_reason is None:
-            self.cancel()
-        await self._pieces.aclose()
-
-    def _add_call(self, part: dict[str, Any]) -> None:
-        """A streamed tool-call delta: a new call (its id, type, name), or more of a call's arguments."""
-        index = part.get("index", len(self.tool_calls))
-        while len(self.tool_calls) <= index:
-            self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-        call, function = self.tool_calls[index], part.get("function") or {}
-        call["id"] = part.get("id") or call["id"]
-        call["type"] = part.get("type") or call["type"]
-        call["function"]["name"] += function.get("name") or ""
-        call["function"]["arguments"] += function.get("arguments") or ""
-
-    def _usage(self, usage: dict[str, Any] | None) -> None:
-        if usage:
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-    async def _read_whole(self) -> AsyncIterator[str]:
-        data = json.loads(await self._response.read())
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if "message" in choice else choice["text"]
-        self.logprobs += _logprobs(choice.get("logprobs"))
-        if "message" in choice:
-            self.tool_calls = [_call(c) for c in choice["message"].get("tool_calls") or ()]
-            self.reasoning = _reasoning(choice["message"])
-        self._usage(data.get("usage"))
-        if text:
-            yield text
-        self.stop_sequence = _stop_sequence(choice)
-        self.finish_reason = _finish(choice.get("finish_reason"))
-
-    async def _read_stream(self) -> AsyncIterator[str]:
-        finish: FinishReason = "stop"
-        async for raw in self._response.content:
-            if not raw.startswith(b"data:"):
-                continue
-            payload = raw[5:].strip()
-            if payload == b"[DONE]":
-                break
-            data = json.loads(payload)
-            if "error" in data:
-                message = (data["error"] or {}).get("message", "unknown error")
-                raise UpstreamError(502, "upstream_error", f"the upstream failed mid-stream: {message}")
-            self._usage(data.get("usage"))
-            for choice in data.get("choices") or ():
-                delta = choice.get("delta")
-                text = delta.get("content") if delta is not None else choice.get("text")
-                self.logprobs += _logprobs(choice.get("logprobs"))
-                for part in (delta or {}).get("tool_calls") or ():
-                    self._add_call(part)
-                if reasoning := _reasoning(delta or {}):
-                    self.reasoning += reasoning
-                    if not text:
-                        yield ""  # wakes the reader: take_reasoning() has something
-                if text:
-                    yield text
-                if choice.get("finish_reason"):
-                    finish = _finish(choice["finish_reason"])
-                    self.stop_sequence = _stop_sequence(choice)
-        if self._cancelled:
-            return
-        self.finish_reason = finish
-
-
-class UpstreamRelay(UpstreamGeneration):
-    """An answer passed back as the upstream wrote it (Relay: UPSTREAM_PASSTHROUGH): its text as the pieces, line
-    by line when streaming, whole otherwise. Its usage and end are read on the way, whichever API it speaks:
-    Anthropic's (`usage` in message_start and message_delta, `stop_reason`) or the Responses API's (the response's
-    `usage` and `status`)."""
-
-    answer_id: str | None = None  # the message's or response's id, once the answer has said it
-
-    def _take(self, data: Any) -> None:
-        if not isinstance(data, dict):
-            return
-        if self.answer_id is None and isinstance(data.get("id"), str) and (
-                data.get("type") == "message" or data.get("object") == "response"):
-            self.answer_id = data["id"]
-        inner = data.get("message") or data.get("response")
-        if isinstance(inner, dict):  # message_start's message, the Responses events' response
-            self._take(inner)
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("input_tokens") or self.prompt_tokens)
-            self.completion_tokens = int(usage.get("output_tokens") or self.completion_tokens)
-        if (isinstance(data.get("delta"), dict) and data["delta"].get("stop_reason") == "max_tokens"
-                or data.get("stop_reason") == "max_tokens" or data.get("status") == "incomplete"):
-            self._length = True
-
-    async def _read_whole(self) -> AsyncIterator[str]:
-        self._length = False
-        raw = await self._response.read()
-        try:
-            self._take(json.loads(raw))
-        except ValueError:
-            pass  # passed on as it came; there is no usage to count
-        yield raw.decode("utf-8", errors="replace")
-        self.finish_reason = "length" if self._length else "stop"
-
-    async def _read_stream(self) -> AsyncIterator[str]:
-        self._length = False
-        async for raw in self._response.content:
-            if raw.startswith(b"data:") and (b'"usage"' in raw or b'"stop_reason"' in raw or b'"status"' in raw):
-                try:
-                    self._take(json.loads(raw[5:]))
-                except ValueError:
-                    pass
-            yield raw.decode("utf-8", errors="replace")
-        if self._cancelled:
-            return
-        self.finish_reason = "length" if self._length else "stop"
-
-
-def _stop_sequence(choice: dict[str, Any]) -> str | None:
-    """vLLM's `stop_reason`: the stop string that ended the answer (an int is a stop token's id: not a string)."""
-    reason = choice.get("stop_reason")
-    return reason if isinstance(reason, str) else None
-
-
-def _reasoning(message: dict[str, Any]) -> str:
-    """A reasoning model's reasoning: `reasoning_content` (vLLM, llama.cpp's server, DeepSeek) or `reasoning`
-    (Ollama, OpenRouter, newer vLLM)."""
-    value = message.get("reasoning_content") or message.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def _finish(reason: Any) -> FinishReason:
-    return "length" if reason == "length" else "stop"
-
-
-def _call(call: dict[str, Any]) -> dict[str, Any]:
-    function = call.get("function") or {}
-    return {"id": call.get("id") or "", "type": call.get("type") or "function",
-            "function": {"name": function.get("name") or "", "arguments": function.get("arguments") or ""}}
-
-
-def _logprobs(value: Any) -> list[TokenLogprob]:
-    """An OpenAI logprobs object (chat's `content` list or the completions arrays) as TokenLogprob entries."""
-    if not isinstance(value, dict):
-        return []
-
-    def exact(entry: dict[str, Any]) -> bytes:
-        raw = entry.get("bytes")
-        return bytes(raw) if isinstance(raw, list) else str(entry["token"]).encode()
-
-    if "content" in value:
-        return [TokenLogprob(exact(e), float(e["logprob"]),
-                             tuple((exact(t), float(t["logprob"])) for t in e.get("top_logprobs") or ()))
-                for e in value.get("content") or ()]
-    tops = value.get("top_logprobs") or []
-    return [TokenLogprob(str(token).encode(), float(logprob),
-                         tuple(sorted(((str(t).encode(), float(lp)) for t, lp in (tops[i] or {}).items()),
-                                      key=lambda pair: -pair[1])) if i < len(tops) else ())
-            for i, (token, logprob) in enumerate(zip(value.get("tokens") or (), value.get("token_logprobs") or ()))]
 
 
 class UpstreamEngine:
@@ -347,7 +114,7 @@ class UpstreamEngine:
 
     def _get_session(self) -> Any:
         if self._session is None:
-            aiohttp = _aiohttp()
+            aiohttp = aiohttp_module()
             from yarl import URL  # aiohttp's URL type, installed with it
 
             self._session = aiohttp.ClientSession(
@@ -415,7 +182,7 @@ class UpstreamEngine:
                     started: float) -> UpstreamGeneration:
         """Send `body` to the `target` path ("chat", "text", "messages", "responses"), wait for the status line,
         and read the answer as `reader` reads it."""
-        aiohttp = _aiohttp()
+        aiohttp = aiohttp_module()
         session = self._get_session()
         options: dict[str, Any] = {}
         if request.deadline is not None:  # the whole exchange, body included, ends by the request's deadline
@@ -447,7 +214,7 @@ class UpstreamEngine:
         tokens): its status and body. `path` is under the base URL; the caller quotes what came from its client."""
         if self._info is None or self._closed.is_set():
             raise EngineNotReady("waiting for the upstream" if not self._closed.is_set() else "shutting down")
-        aiohttp = _aiohttp()
+        aiohttp = aiohttp_module()
         url = f"{self.base_url}/{path}" + (f"?{query}" if query else "")
         try:
             async with self._get_session().request(method, url, data=body) as response:
