@@ -56,6 +56,11 @@ class SamplingParams:
     # Special tokens whose text the answer shows (a template's tool-call opener, which the answer is read by);
     # others, such as the end of turn, show no text.
     preserve: tuple[int, ...] = ()
+    # vLLM's extensions for fixed-length answers (benchmarks): the model's end-of-generation tokens are masked for
+    # the first `min_tokens` tokens (stop sequences do not end it before them either), or until `max_tokens` with
+    # `ignore_eos`. Not with a grammar, whose end is the document's.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class GenerationRequest:
     deadline: float | None = None
     # Instead of messages or a prompt: the client's own request, for an upstream that speaks its API (Relay).
     relay: Relay | None = None
+    # The caller reads `completion_tokens` while the answer streams (usage in every chunk: vLLM's
+    # stream_options.continuous_usage_stats), not only at its end.
+    count_as_it_goes: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ class TokenLogprob:
 
 class Generation(Protocol):
     prompt_tokens: int
+    # Final once iteration ends; with GenerationRequest.count_as_it_goes also the tokens of the text yielded so far.
     completion_tokens: int
     finish_reason: FinishReason | None
     # With SamplingParams.logprobs: one entry per generated token, appended as the tokens are generated (an

@@ -61,6 +61,20 @@ def test_streaming_through_the_gateway(sdk, model_id):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_vllm_s_benchmark_extensions_reach_the_upstream(sdk, model_id):
+    """ignore_eos and min_tokens are sent on (the upstream, this service, runs the answer to max_tokens), and usage
+    in every chunk is asked of the upstream and passed on as it comes."""
+    chunks = list(sdk.chat.completions.create(
+        model=model_id, messages=ask("What is 2+2?"), temperature=0, max_tokens=16, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 16 and all(chunk.usage is not None for chunk in chunks)
+    counts = [chunk.usage.completion_tokens for chunk in chunks]
+    assert counts == sorted(counts) and len(set(counts)) > 2  # it grew as the upstream counted
+    text = sdk.completions.create(model=model_id, prompt="What is 2+2?", temperature=0, max_tokens=40, stop=["."],
+                                  extra_body={"min_tokens": 30})
+    assert text.usage.completion_tokens >= 30
+
+
 def test_completions_and_native_api_through_the_gateway(sdk, gateway, model_id):
     text = sdk.completions.create(model=model_id, prompt="The capital of France is", temperature=0, max_tokens=4)
     assert says_paris(text.choices[0].text)

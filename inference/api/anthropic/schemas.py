@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ...web.validation import spec
-from ..openai.schemas import Fate
+from ..openai.schemas import Fate, field_fates
 
 MAX_STOP_SEQUENCES = 4  # each is matched against the text held back after every token
 CACHE_CONTROL = {"type": "object", "nullable": True, "description": "A prompt-caching hint: accepted; prompt "
@@ -18,11 +18,16 @@ CACHE_CONTROL = {"type": "object", "nullable": True, "description": "A prompt-ca
 TEXT_BLOCK = {"type": "object", "required": ["type", "text"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}, "cache_control": CACHE_CONTROL,
     "citations": {"nullable": True, "type": "array", "maxItems": 0}}}
+DIRECT_CALLER = {"type": "object", "required": ["type"], "additionalProperties": False,
+                 "properties": {"type": {"type": "string", "enum": ["direct"]}}}
 TOOL_USE_BLOCK = {"type": "object", "required": ["type", "id", "name", "input"], "additionalProperties": False,
                   "properties": {
     "type": {"type": "string", "enum": ["tool_use"]}, "id": {"type": "string", "minLength": 1},
     "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "input": {"type": "object"},
-    "cache_control": CACHE_CONTROL}}
+    "cache_control": CACHE_CONTROL,
+    # What the SDK returns and an agent loop sends back: who made the call, and the MCP toolset of its tool.
+    "caller": {"nullable": True, "description": "Only null or a direct call: the client's own tool.", **DIRECT_CALLER},
+    "toolset_name": {"nullable": True, "enum": [None], "description": "Only null: MCP toolsets are not served."}}}
 TOOL_RESULT_BLOCK = {"type": "object", "required": ["type", "tool_use_id"], "additionalProperties": False,
                      "properties": {
     "type": {"type": "string", "enum": ["tool_result"]}, "tool_use_id": {"type": "string", "minLength": 1},
@@ -38,8 +43,13 @@ TOOL_SCHEMA = {"type": "object", "required": ["name", "input_schema"], "addition
     "input_examples": {"type": "array", "nullable": True, "items": {"type": "object"}}}}
 # The fields of a client tool and of each content block this service reads (translate.py); others are refused.
 TOOL_FIELDS = set(TOOL_SCHEMA["properties"])
-BLOCK_FIELDS = {"text": set(TEXT_BLOCK["properties"]), "tool_use": set(TOOL_USE_BLOCK["properties"]),
-                "tool_result": set(TOOL_RESULT_BLOCK["properties"])}
+BLOCK_FIELDS = {
+    "text": field_fates(TEXT_BLOCK),
+    "tool_use": field_fates(TOOL_USE_BLOCK, {
+        "caller": Fate("refused", "refused", "only a direct call (a client tool's); programmatic tool calling runs at "
+                       "Anthropic", allowed=(None, {"type": "direct"})),
+        "toolset_name": Fate("refused", "refused", "MCP toolsets are not served here", allowed=(None,))}),
+    "tool_result": field_fates(TOOL_RESULT_BLOCK)}
 TOOL_CHOICE_SCHEMA = {"nullable": True, "type": "object", "required": ["type"], "properties": {
     "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
     "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
@@ -176,7 +186,9 @@ FIELDS: dict[str, dict[str, Fate]] = {
         "thinking": Fate("refused", "refused", "this model does not think", allowed=()),
         "redacted_thinking": Fate("refused", "refused", "this model does not think", allowed=()),
         "server_tool_use": Fate("refused", "refused", _NO_TOOLS_HERE, allowed=()),
-        "web_search_tool_result": Fate("refused", "refused", _NO_TOOLS_HERE, allowed=()),
+        **{kind: Fate("refused", "refused", _NO_TOOLS_HERE, allowed=()) for kind in (
+            "web_search_tool_result web_fetch_tool_result code_execution_tool_result "
+            "bash_code_execution_tool_result text_editor_code_execution_tool_result tool_search_tool_result").split()},
         "container_upload": Fate("refused", "refused", "code-execution containers are not supported", allowed=()),
     },
 }

@@ -129,9 +129,10 @@ class _Choice:
 
 
 async def stream(generations: list[Generation], meta: Meta, translated: Translated, include_usage: bool,
-                 outcome: StreamOutcome) -> AsyncIterator[bytes]:
+                 outcome: StreamOutcome, continuous: bool = False) -> AsyncIterator[bytes]:
     """OpenAI's SSE stream: a chunk per piece (of each choice, with its `index`), a last chunk per choice with its
-    finish_reason, usage if asked, [DONE].
+    finish_reason, usage if asked, [DONE]. `continuous` (vLLM's continuous_usage_stats, with include_usage): every
+    chunk carries the usage so far.
 
     Every chunk repeats the same head; it is encoded once and each piece only adds its own JSON string.
     """
@@ -139,12 +140,19 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
     structured, plan = translated.structured, translated.plan
     logprobs = translated.generation.params.logprobs is not None
     head = meta.head("chat.completion.chunk" if chat else "text_completion")
-    if include_usage:
+    continuous = continuous and include_usage
+    if include_usage and not continuous:
         head["usage"] = None
     opening = b"data: " + dump_json(head)[:-1] + b',"choices":[{"index":'
     piece_open = b'"delta":{"content":' if chat else b'"text":'
-    piece_close = b'},"logprobs":null,"finish_reason":null}]}\n\n' if chat else b',"logprobs":null,"finish_reason":null}]}\n\n'
-    no_logprobs = b',"logprobs":null,"finish_reason":null}]}\n\n'
+    piece_close = b'},"logprobs":null,"finish_reason":null}' if chat else b',"logprobs":null,"finish_reason":null}'
+    no_logprobs = b',"logprobs":null,"finish_reason":null}'
+
+    def end() -> bytes:
+        """What closes a chunk after its choice: the usage so far when asked for in every chunk."""
+        if continuous:
+            return b'],"usage":' + dump_json(usage(generations)) + b"}\n\n"
+        return b"]}\n\n"
     choices = [_Choice(opening + str(i).encode() + b",", structured is not None or plan is not None,
                        plan.new_call_id() if plan is not None else "") for i in range(len(generations))]
     readers = [plan.text_reader() for _ in generations] if plan is not None else None
@@ -162,12 +170,12 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
 
     def tool_delta(index: int, call: dict[str, Any]) -> bytes:
         return (choices[index].prefix + b'"delta":{"tool_calls":[' + dump_json(call) + b']},' + logprobs_of(index)
-                + b',"finish_reason":null}]}\n\n')
+                + b',"finish_reason":null}' + end())
 
     try:
         for index, choice in enumerate(choices):
             if chat:
-                yield choice.prefix + b'"delta":{"role":"assistant","content":""}' + no_logprobs
+                yield choice.prefix + b'"delta":{"role":"assistant","content":""}' + no_logprobs + end()
             if plan is not None and plan.single is not None:
                 # One function: its name now, its arguments as they are generated, as OpenAI streams them.
                 yield tool_delta(index, {"index": 0, "id": choice.call_id, "type": "function",
@@ -175,7 +183,8 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
         async for index, piece in _merged(generations):
             choice, generation = choices[index], generations[index]
             if chat and (reasoning := generation.take_reasoning()):  # an upstream reasoning model's, as it comes
-                yield choice.prefix + b'"delta":{"reasoning_content":' + dump_json(reasoning) + b"}" + no_logprobs
+                yield (choice.prefix + b'"delta":{"reasoning_content":' + dump_json(reasoning) + b"}" + no_logprobs
+                       + end())
             if piece == "":
                 continue
             if piece is not None:
@@ -184,13 +193,13 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
                 if plan is None:
                     if logprobs:
                         yield (choice.prefix + piece_open + dump_json(piece) + (b"}," if chat else b",")
-                               + logprobs_of(index) + b',"finish_reason":null}]}\n\n')
+                               + logprobs_of(index) + b',"finish_reason":null}' + end())
                     else:
-                        yield choice.prefix + piece_open + dump_json(piece) + piece_close
+                        yield choice.prefix + piece_open + dump_json(piece) + piece_close + end()
                 elif plan.single is not None:
                     yield tool_delta(index, {"index": 0, "function": {"arguments": piece}})
                 elif readers is not None and (reader := readers[index]) and (text := reader.feed(piece)):
-                    yield choice.prefix + piece_open + dump_json(text) + piece_close  # the answer's text, as text
+                    yield choice.prefix + piece_open + dump_json(text) + piece_close + end()  # the answer's text
                 continue
             if generation.finish_reason is None:
                 return  # cancelled: the client is gone
@@ -201,7 +210,7 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
                 plan.check(text, calls, finish)
                 reader = readers[index] if readers is not None else None
                 if content and reader is not None and content[reader.sent:]:  # text after the calls, or held back
-                    yield choice.prefix + piece_open + dump_json(content[reader.sent:]) + piece_close
+                    yield choice.prefix + piece_open + dump_json(content[reader.sent:]) + piece_close + end()
                 for number, call in enumerate(calls):
                     yield tool_delta(index, {"index": number, **call})
                 if calls:
@@ -217,7 +226,7 @@ async def stream(generations: list[Generation], meta: Meta, translated: Translat
                 finish = "tool_calls" if finish == "stop" else finish
             last = b'"delta":{}' if chat else b'"text":""'
             yield (choice.prefix + last + b"," + logprobs_of(index) + b',"finish_reason":' + dump_json(finish)
-                   + b"}]}\n\n")
+                   + b"}" + end())
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(generations)})
         outcome.complete = True

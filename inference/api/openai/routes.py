@@ -127,7 +127,8 @@ def routes(service: Service) -> list[Route]:
                 for generation in generations:
                     generation.cancel()
 
-            return StreamingResponse(render.stream(generations, meta, translated, body.include_usage, outcome),
+            return StreamingResponse(render.stream(generations, meta, translated, body.include_usage, outcome,
+                                                   body.continuous_usage),
                                      on_disconnect=cancel, outcome=outcome)
         texts = await complete_all(generations, request.receive)
         if texts is None:

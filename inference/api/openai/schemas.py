@@ -54,6 +54,8 @@ class ChatCompletionMessage:
 @dataclass(frozen=True)
 class StreamOptions:
     include_usage: bool = False
+    continuous_usage_stats: bool = field(default=False, metadata=spec(
+        description="Extension (vLLM): with include_usage, every chunk carries the usage so far."))
 
 
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on entries
@@ -118,6 +120,12 @@ class SamplingFields:
         description="An object of token id (as a string) -> bias from -100 to 100 added to that token's logit."))
     repetition_penalty: float | None = field(default=None, metadata=spec(
         gt=0, le=10, description="Extension (llama.cpp, vLLM): divide repeated tokens' logits by it (default 1)."))
+    ignore_eos: bool | None = field(default=None, metadata=spec(
+        description="Extension (vLLM, llama.cpp): the model's end of generation is masked, so the answer runs to "
+                    "max_tokens (or a stop sequence); not with response_format or tools."))
+    min_tokens: int | None = field(default=None, metadata=spec(
+        ge=0, description="Extension (vLLM): no end of generation and no stop sequence before this many tokens; "
+                          "not with response_format or tools."))
     user: str | None = field(default=None, metadata=spec(
         description="The end user's id: in the request log and on the server span."))
 
@@ -129,6 +137,11 @@ class SamplingFields:
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk (vLLM's continuous_usage_stats, which needs include_usage as vLLM's does)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +251,18 @@ class Fate:
         return value not in self.allowed
 
 
+USED = Fate("used", "used")
+
+
+def field_fates(schema: dict[str, Any], quiet: dict[str, Fate] | None = None) -> dict[str, Fate]:
+    """The fates of the fields of a typed object (a content block, an input item, a tool), read from its JSON
+    schema's properties: each is used (read, or accepted as it is), unless `quiet` says it is accepted only with a
+    value that asks for nothing (a tool call's `caller` when it is a direct one)."""
+    fates = {name: USED for name in schema["properties"]}
+    assert set(quiet or {}) <= set(fates), "a quiet field must be in the schema too"
+    return {**fates, **(quiet or {})}
+
+
 def _fates(used: str, **special: Fate) -> dict[str, Fate]:
     return {**{name: Fate("used", "used") for name in used.split()}, **special}
 
@@ -245,7 +270,7 @@ def _fates(used: str, **special: Fate) -> dict[str, Fate]:
 _RECORDED = "recorded: the request log's `user` and the server span's `user.id`"
 SAMPLING_FATES = _fates(
     "model max_tokens temperature top_p stop seed stream stream_options n frequency_penalty presence_penalty "
-    "response_format logit_bias repetition_penalty",
+    "response_format logit_bias repetition_penalty ignore_eos min_tokens",
     user=Fate("used", "forwarded", _RECORDED),
 )
 FIELDS: dict[str, dict[str, Fate]] = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Collection, Mapping
+from typing import Any, Mapping
 
 from opentelemetry import trace
 
@@ -101,7 +101,8 @@ def translate_chat(raw: Any, body: ChatCompletionRequest, forwarded: dict[str, A
     params = sampling(body, body.max_completion_tokens or body.max_tokens, grammar,
                       (body.top_logprobs or 0) if body.logprobs else None, forwarded, settings)
     return Translated(GenerationRequest(params, messages=messages, stream=bool(body.stream), tools=tools,
-                                        prefill=prefill), structured, plan, system)
+                                        prefill=prefill, count_as_it_goes=body.continuous_usage),
+                      structured, plan, system)
 
 
 def translate_completion(body: CompletionRequest, forwarded: dict[str, Any], settings: Settings) -> Translated:
@@ -109,14 +110,25 @@ def translate_completion(body: CompletionRequest, forwarded: dict[str, Any], set
     structured = parse_response_format(body.response_format, enforce=settings.embedded)
     params = sampling(body, body.max_tokens or 16, structured.sampling() if structured is not None else {},
                       body.logprobs, forwarded, settings)  # OpenAI's max_tokens: 16
-    return Translated(GenerationRequest(params, prompt=prompt, stream=bool(body.stream)), structured)
+    return Translated(GenerationRequest(params, prompt=prompt, stream=bool(body.stream),
+                                        count_as_it_goes=body.continuous_usage), structured)
 
 
 def sampling(body: SamplingFields, max_tokens: int | None, grammar: Mapping[str, Any],
              logprobs: int | None, forwarded: dict[str, Any], settings: Settings) -> SamplingParams:
     """The sampling fields both endpoints share; no max_tokens: as many as the context has room for. `grammar`:
     the fields that carry a response format or tool calls (StructuredOutput.sampling, ToolPlan.sampling)."""
+    if body.ignore_eos or body.min_tokens:
+        name = "ignore_eos" if body.ignore_eos else "min_tokens"
+        if grammar:
+            raise HTTPError(422, "validation_error", f"{name}: not with response_format or tools (a structured answer "
+                            "ends where its document does)", field=name)
+        if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+            raise HTTPError(422, "validation_error", f"min_tokens: must be at most max_tokens ({max_tokens})",
+                            field="min_tokens")
     params = SamplingParams(
+        min_tokens=body.min_tokens or 0,
+        ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         max_tokens=max_tokens or settings.max_tokens_limit,
         stop=body.stop_sequences(),
@@ -154,11 +166,12 @@ def fields_fate(raw: Any, fates: dict[str, Fate], embedded: bool, where: str = "
     return forwarded
 
 
-def typed_fate(value: Any, fates: Mapping[str, Fate], fields: Mapping[str, Collection[str]], where: str, noun: str,
-               default: str | None = None) -> str:
+def typed_fate(value: Any, fates: Mapping[str, Fate], fields: Mapping[str, Mapping[str, Fate]], where: str,
+               noun: str, default: str | None = None) -> str:
     """The `type` of one of a request's typed objects (a content block, an input item, a tool; `noun` says which),
     `default` if it has none: a 422 unless it is an object of a type with a fate here, a 400 naming it if that
-    fate is "refused", and a 400 naming any field of it this server does not read."""
+    fate is "refused", and a 400 naming any field of it this server does not know (`fields`, by type: schemas'
+    field_fates), or one it knows whose value asks for what cannot be done."""
     kind = value.get("type", default) if isinstance(value, dict) else None
     fate = fates.get(kind) if isinstance(kind, str) else None
     if fate is None:
@@ -169,10 +182,14 @@ def typed_fate(value: Any, fates: Mapping[str, Fate], fields: Mapping[str, Colle
     if fate.embedded == "refused":
         raise HTTPError(400, "unsupported_parameter", f"{where}: {kind} {noun}s are not supported ({fate.why})",
                         field=f"{where}.type")
-    for name in value:
-        if name not in fields[kind]:
+    known = fields[kind]
+    for name, field_value in value.items():
+        field_fate = known.get(name)
+        if field_fate is None:
             raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: not a field of a {kind} {noun} this "
                             "server reads", field=f"{where}.{name}")
+        if field_fate.embedded == "refused" and field_fate.asks(field_value):
+            raise HTTPError(400, "unsupported_parameter", f"{where}.{name}: {field_fate.why}", field=f"{where}.{name}")
     return kind
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ...web.validation import spec
-from ..openai.schemas import Fate
+from ..openai.schemas import Fate, field_fates
 
 MAX_ITEMS = 2048
 SUMMARIES = (None, "auto", "concise", "detailed")  # a reasoning summary: of no reasoning, none
@@ -34,29 +34,48 @@ MESSAGE_ITEM = {"type": "object", "required": ["role", "content"], "additionalPr
         {"type": "string"}, {"type": "array", "items": {"anyOf": [OUTPUT_TEXT, REFUSAL_PART]}}]}}},
               {"properties": {"role": {"enum": ["user", "system", "developer"]}, "content": {"anyOf": [
                   {"type": "string"}, {"type": "array", "items": INPUT_TEXT}]}}}]}
+NULLABLE_STATUS = {"nullable": True, **STATUS, "enum": [*STATUS["enum"], None]}
+DIRECT_CALLER = {"nullable": True, "type": "object", "required": ["type"], "additionalProperties": False,
+                 "properties": {"type": {"type": "string", "enum": ["direct"]}},
+                 "description": "Only null or a direct call (the client's own function)."}
+NOT_ASYNC = {"nullable": True, "enum": [False, None], "description": "Only false or null: calls are answered in turn."}
 FUNCTION_CALL_ITEM = {"type": "object", "required": ["type", "call_id", "name", "arguments"],
                       "additionalProperties": False, "properties": {
-    "type": {"type": "string", "enum": ["function_call"]}, "id": {"type": "string"},
+    "type": {"type": "string", "enum": ["function_call"]}, "id": {"type": "string", "nullable": True},
     "call_id": {"type": "string", "minLength": 1}, "name": NAME, "arguments": {"type": "string"},
-    "status": STATUS, "namespace": {"nullable": True, "enum": [None]}}}
+    "status": NULLABLE_STATUS, "namespace": {"nullable": True, "enum": [None]}, "caller": DIRECT_CALLER,
+    # `async_` is the SDK's own name for `async`, as its model_dump() writes it.
+    "async": NOT_ASYNC, "async_": NOT_ASYNC}}
 FUNCTION_OUTPUT_ITEM = {"type": "object", "required": ["type", "call_id", "output"], "additionalProperties": False,
                         "properties": {
     "type": {"type": "string", "enum": ["function_call_output"]}, "id": {"type": "string", "nullable": True},
     "call_id": {"type": "string", "minLength": 1},
     "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": INPUT_TEXT}]},
-    "status": {"nullable": True, **STATUS, "enum": [*STATUS["enum"], None]}}}
-# The fields of each input item this service reads (translate.py); others are refused by name.
-ITEM_FIELDS = {"message": set(MESSAGE_ITEM["properties"]), "function_call": set(FUNCTION_CALL_ITEM["properties"]),
-               "function_call_output": set(FUNCTION_OUTPUT_ITEM["properties"])}
-PART_FIELDS = {"input_text": {"type", "text"}, "output_text": {"type", "text", "annotations", "logprobs"},
-               "refusal": {"type", "refusal"}}
+    "status": NULLABLE_STATUS, "caller": DIRECT_CALLER, "namespace": {"nullable": True, "enum": [None]},
+    "name": {"type": "string", "nullable": True, "description": "The function's name: accepted, the call_id says it."},
+    "created_by": {"type": "string", "nullable": True, "description": "Who made the item: accepted as it is."}}}
+_ONLY_NULL_NAMESPACE = Fate("refused", "refused", "tool namespaces are not supported", allowed=(None,))
+_DIRECT = Fate("refused", "refused", "only a direct call (a function of the client's); programmatic tool calling "
+               "is not served", allowed=(None, {"type": "direct"}))
+_NOT_ASYNC = Fate("refused", "refused", "asynchronous function calls are not served", allowed=(None, False))
+# The fields of each input item this service knows (translate.py), and those it accepts only with a value that asks
+# for nothing; others are refused by name.
+ITEM_FIELDS = {
+    "message": field_fates(MESSAGE_ITEM, {"phase": Fate("refused", "refused", "only null (this model does not "
+                                                        "reason)", allowed=(None,))}),
+    "function_call": field_fates(FUNCTION_CALL_ITEM, {"namespace": _ONLY_NULL_NAMESPACE, "caller": _DIRECT,
+                                                      "async": _NOT_ASYNC, "async_": _NOT_ASYNC}),
+    "function_call_output": field_fates(FUNCTION_OUTPUT_ITEM, {"namespace": _ONLY_NULL_NAMESPACE, "caller": _DIRECT}),
+}
+PART_FIELDS = {"input_text": field_fates(INPUT_TEXT), "output_text": field_fates(OUTPUT_TEXT),
+               "refusal": field_fates(REFUSAL_PART)}
 FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["function"]}, "name": NAME,
     "description": {"type": "string", "nullable": True},
     "parameters": {"type": "object", "nullable": True, "description": "A JSON Schema for the arguments (README: "
                    "structured output; a keyword the grammar cannot enforce is a 400)."},
     "strict": {"type": "boolean", "nullable": True}, "defer_loading": {"nullable": True, "enum": [None, False]}}}
-TOOL_FIELDS = set(FUNCTION_TOOL["properties"])
+TOOL_FIELDS = field_fates(FUNCTION_TOOL)
 TOOL_CHOICE = {"nullable": True, "anyOf": [
     {"type": "string", "enum": ["none", "auto", "required"]},
     {"type": "object", "required": ["type", "name"], "additionalProperties": False, "properties": {
@@ -145,6 +164,11 @@ class ResponsesRequest:
     safety_identifier: str | None = field(default=None, metadata=spec(max_length=256, description="As `user`."))
     prompt_cache_key: str | None = field(default=None, metadata=spec(
         max_length=256, description="A caching hint: on the server span; prefix reuse here is automatic."))
+    stop: str | list[str] | None = field(default=None, metadata=spec(
+        min_length=1, max_length=500, max_items=4,
+        description="Extension (vLLM): up to 4 stop sequences of at most 500 characters, as on chat completions."))
+    ignore_eos: bool | None = field(default=None, metadata=spec(
+        description="Extension (vLLM): the answer runs to max_output_tokens; not with text.format or tools."))
     # OpenAI's fields this service cannot honour: only the values that ask for nothing (FIELDS).
     truncation: str | None = field(default=None, metadata=spec(description='Only "disabled".'))
     include: list[str] | None = field(default=None, metadata=spec(
@@ -187,6 +211,9 @@ FIELDS: dict[str, dict[str, Fate]] = {
         "user": Fate("used", "used", _RECORDED),
         "safety_identifier": Fate("used", "used", _RECORDED + " (`user` wins)"),
         "prompt_cache_key": Fate("used", "used", "on the server span; prompt prefixes are reused automatically"),
+        "stop": Fate("used", "used", "an extension (vLLM's): up to 4 stop sequences, as on chat completions"),
+        "ignore_eos": Fate("used", "used", "an extension (vLLM's): the answer runs to `max_output_tokens`; not with "
+                           "`text.format` or tools"),
         "stream_options": Fate("refused", "refused", "events carry no obfuscation padding",
                                allowed=(None, {}, {"include_obfuscation": False})),
         "truncation": Fate("refused", "refused", "a conversation longer than the context is a 400, never cut",
@@ -224,6 +251,8 @@ FIELDS: dict[str, dict[str, Fate]] = {
                                allowed=()),
         "reasoning": Fate("refused", "refused", "this model does not reason", allowed=()),
         "compaction": Fate("refused", "refused", "context compaction is not supported", allowed=()),
+        "additional_tools": Fate("refused", "refused", "tools come in the request's `tools`; tools added by tool "
+                                 "search are not served", allowed=()),
         **{kind: Fate("refused", "refused", "another tool's call or output: only function tools are served here",
                       allowed=()) for kind in (
             "file_search_call web_search_call computer_call computer_call_output image_generation_call "

@@ -22,7 +22,7 @@ from .schemas import FIELDS, ITEM_FIELDS, MAX_ITEMS, PART_FIELDS, TOOL_FIELDS, R
 
 # OpenAI chat's field names in a refusal from the shared translation, as this request named them.
 FIELD_NAMES = {"response_format": "text.format", "max_tokens": "max_output_tokens", "messages": "input",
-               "tools": "tools", "tool_choice": "tool_choice"}
+               "tools": "tools", "tool_choice": "tool_choice", "stop": "stop", "ignore_eos": "ignore_eos"}
 # ... and the places inside them: a format's schema is at its top level, a tool's fields are not under "function".
 PLACE_NAMES = (('"json_schema.', '"'), ("].function.", "]."))
 UNKNOWN = Fate("refused", "refused", "not a field this server knows (README: Responses fields)", allowed=())
@@ -84,9 +84,6 @@ def _check_item(item: Any, where: str) -> None:
     if item.get("id") is not None and not isinstance(item["id"], str):
         raise _invalid(f"{where}.id", "must be a string")
     if kind == "message":
-        if item.get("phase") is not None:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.phase: only null (this model does not reason)",
-                            field=f"{where}.phase")
         if item.get("role") not in ("user", "assistant", "system", "developer"):
             raise _invalid(f"{where}.role", 'must be "user", "assistant", "system" or "developer"')
         content = item.get("content")
@@ -102,9 +99,6 @@ def _check_item(item: Any, where: str) -> None:
             raise _invalid(f"{where}.name", "must be 1 to 64 letters, digits, _ or -")
         if not isinstance(item.get("arguments"), str):
             raise _invalid(f"{where}.arguments", "must be a string (JSON)")
-        if item.get("namespace") is not None:
-            raise HTTPError(400, "unsupported_parameter", f"{where}.namespace: tool namespaces are not supported",
-                            field=f"{where}.namespace")
     else:
         if not (isinstance(item.get("call_id"), str) and item["call_id"]):
             raise _invalid(f"{where}.call_id", "must be a non-empty string")
@@ -194,7 +188,8 @@ def chat_request(body: ResponsesRequest, conversation: list[dict[str, Any]], fir
     chat: dict[str, Any] = {"model": body.model, "messages": messages, "stream": bool(body.stream)}
     for name, value in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
                         ("top_p", body.top_p), ("parallel_tool_calls", body.parallel_tool_calls),
-                        ("user", body.user or body.safety_identifier)):
+                        ("user", body.user or body.safety_identifier), ("stop", body.stop),
+                        ("ignore_eos", body.ignore_eos)):
         if value is not None:
             chat[name] = value
     if body.tools:

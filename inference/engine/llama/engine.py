@@ -262,7 +262,8 @@ class LlamaEngine(Prompts):
         for i in range(n):
             seed = base + i if params.seed is not None else (base if i == 0 else random.getrandbits(32))
             fields = {"tokens": tokens, "boundaries": boundaries, "params": params, "seed": seed,
-                      "client": request.client, "queued_at": now, "deadline": request.deadline,
+                      "client": request.client, "counting": request.count_as_it_goes, "queued_at": now,
+                      "deadline": request.deadline,
                       "queue_deadline": None if self.queue_timeout is None else now + self.queue_timeout}
             requests.append(EngineRequest(next(self._ids), job, fields, loop))
         with self._lock:

@@ -56,16 +56,16 @@ class LlamaGeneration:
         out = self._request.out
         item = self._held if self._held is not None else await out.get()
         self._held = None
-        while isinstance(item, TokenLogprobs):
-            self._logprob(item)
+        while isinstance(item, (TokenLogprobs, int)):
+            self._note(item)
             item = await out.get()
         if isinstance(item, str):
             # Pieces that queued up while the consumer was busy leave as one: under load the HTTP layer writes
             # fewer, larger chunks instead of falling further behind.
             while not out.empty():
                 following = out.get_nowait()
-                if isinstance(following, TokenLogprobs):
-                    self._logprob(following)
+                if isinstance(following, (TokenLogprobs, int)):
+                    self._note(following)
                 elif isinstance(following, str):
                     item += following
                 else:
@@ -81,7 +81,10 @@ class LlamaGeneration:
             raise StopAsyncIteration
         raise item
 
-    def _logprob(self, item: TokenLogprobs) -> None:
+    def _note(self, item: TokenLogprobs | int) -> None:
+        if isinstance(item, int):  # the tokens produced so far (asked for with count_as_it_goes)
+            self.completion_tokens = item
+            return
         piece = self._piece
         self.logprobs.append(TokenLogprob(piece(item.token), item.logprob,
                                           tuple((piece(token), logprob) for token, logprob in item.top)))

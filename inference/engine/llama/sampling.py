@@ -79,6 +79,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, seed: int, n_vocab: int, grammars: Grammars | None = None) -> None:
         self._chain = self._filters = self._final = None
         self._matcher: Any = None
+        self._n_vocab = n_vocab
         if params.grammar is None:
             self._chain = _chain()
             _add_filters(self._chain, params, n_vocab)
@@ -98,8 +99,11 @@ class Sampler:
         self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
-    def sample(self, ctx: C.llama_context_p, index: int) -> int:
-        """The next token from the logits of batch row `index` (recorded as accepted by the samplers)."""
+    def sample(self, ctx: C.llama_context_p, index: int, banned: np.ndarray | None = None) -> int:
+        """The next token from the logits of batch row `index` (recorded as accepted by the samplers); `banned`:
+        token ids it may not be (their logits are set to -inf in place, as vLLM's min_tokens does)."""
+        if banned is not None and banned.size:
+            np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))[banned] = -math.inf
         if self._matcher is None:
             return C.llama_sampler_sample(self._chain, ctx, index)
         logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))

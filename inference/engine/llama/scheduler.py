@@ -108,6 +108,8 @@ class Scheduler:
         self.n_vocab = n_vocab
         self.grammars = Grammars(vocab, n_vocab)  # structured output's compiled grammars (llguidance)
         self.is_eog = is_eog
+        # The end-of-generation tokens, masked while a sequence may not end yet (min_tokens, ignore_eos).
+        self.end_tokens = np.array([token for token in range(n_vocab) if is_eog(token)], dtype=np.int32)
         self.piece = piece
         self.batch = C.llama_batch_init(max(PROMPT_CHUNK, slots), 0, 1)
         self.lock = threading.Condition()
@@ -354,8 +356,10 @@ class Scheduler:
             self._sample(sequence, row)
 
     def _sample(self, sequence: Sequence, row: int) -> None:
+        params = sequence.params
+        banned = self.end_tokens if params.ignore_eos or sequence.produced < params.min_tokens else None
         try:
-            token = sequence.sampler.sample(self.ctx, row)
+            token = sequence.sampler.sample(self.ctx, row, banned)
         except Exception as exc:  # this sequence's sampler failed (e.g. its grammar allows nothing): it alone ends
             log.exception("sampling failed")
             self._retire(sequence, None, error=exc)

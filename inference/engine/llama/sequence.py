@@ -60,6 +60,7 @@ class Sequence:
     queue_deadline: float | None = None
     deadline: float | None = None
     id: int = 0  # the HTTP side's name for it
+    counting: bool = False  # the HTTP side wants the tokens produced so far with each piece of text (worker.py)
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
     _stopped_by: str | None = None
@@ -89,6 +90,8 @@ class Sequence:
         """Append a generated token's bytes; sends what is safe to send. True when a stop sequence matched."""
         self._held += self._decoder.decode(piece)
         stops = self.params.stop
+        if self.params.min_tokens and self.produced <= self.params.min_tokens:
+            stops = ()  # before min_tokens a stop sequence does not end the answer either (vLLM's rule)
         if stops:
             found = find_stop(self._held, stops)
             if found is not None:

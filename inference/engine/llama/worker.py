@@ -15,7 +15,8 @@ and it sends, once per scheduler step (not per token per request), what the step
 
     ("step", steps, tokens_generated, prompt_tokens_reused, [(id, item), ...])
 
-items being text, TokenLogprobs, STARTED (left the queue), Finished, or an exception. SIGINT and SIGTERM are
+items being text, TokenLogprobs, STARTED (left the queue), Finished, or an exception; after a sequence's text, the
+tokens it has produced so far (an int) when the HTTP side asked to count them. SIGINT and SIGTERM are
 ignored: the HTTP process decides when the engine ends (a Ctrl-C reaches the whole process group).
 """
 
@@ -161,6 +162,8 @@ class Worker:
                 if isinstance(item, BaseException):
                     item = portable(item)
             out.append((sequence.id, item))
+            if sequence.counting and isinstance(item, str):  # the tokens behind the text so far (an int item)
+                out.append((sequence.id, sequence.produced))
         self.send(("step", steps, scheduler.tokens_generated, scheduler.prompt_tokens_reused, out))
         self._sent_steps, self._sent_at = steps, now
 

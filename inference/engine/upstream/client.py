@@ -160,8 +160,14 @@ class UpstreamEngine:
             payload["repetition_penalty"] = params.repetition_penalty
         if params.top_k is not None:  # an extension vLLM, llama.cpp's server and Ollama accept
             payload["top_k"] = params.top_k
+        if params.ignore_eos:  # vLLM's and llama.cpp's server's
+            payload["ignore_eos"] = True
+        if params.min_tokens:  # vLLM's
+            payload["min_tokens"] = params.min_tokens
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
+            if request.count_as_it_goes:  # vLLM's usage in every chunk, which the stream reader takes as it comes
+                payload["stream_options"]["continuous_usage_stats"] = True
         if request.messages is not None:
             kind = "chat"
             payload["messages"] = [_message(m) for m in request.messages]
