@@ -143,15 +143,16 @@ def serve(settings: Settings) -> int:
     open_files = raise_open_file_limit(settings.max_connections)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-        # Connections (MAX_CONNECTIONS) and the time to send a request head (HEAD_TIMEOUT_SECONDS), bounded.
+        # Connections (MAX_CONNECTIONS), the time to send a request head (HEAD_TIMEOUT_SECONDS) and its size,
+        # bounded, on httptools' protocol (h11's where httptools is not installed).
         http=guarded_protocol(max(1, min(settings.max_connections, open_files - FILES_RESERVED)),
                               settings.head_timeout_seconds, HEAD_LIMIT),
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) + 1,
         # X-Forwarded-For is ours to judge (TRUSTED_PROXIES); uvicorn would otherwise believe it from 127.0.0.1.
         proxy_headers=False,
         access_log=False,  # the service writes its own request log (middleware/metrics.py)
-        # h11 holds at most this much of a request head in memory (the service refuses more than 16 KB of headers
-        # with a JSON 431 itself; past this, h11 refuses first).
+        # The protocol holds at most this much of a request head in memory (the service refuses more than 16 KB of
+        # headers with a JSON 431 itself; past this, the protocol refuses first).
         h11_max_incomplete_event_size=HEAD_LIMIT,
     )
     server = DrainingServer(config)

@@ -99,6 +99,13 @@ class GenerationRequest:
     # stream_options.continuous_usage_stats), not only at its end.
     count_as_it_goes: bool = False
 
+    def for_caller(self, client: str, deadline: float | None) -> "GenerationRequest":
+        """This request for `client`, due by `deadline` (dataclasses.replace, at a third of its cost: every
+        request goes through here)."""
+        copy = object.__new__(GenerationRequest)
+        copy.__dict__.update(self.__dict__, client=client, deadline=deadline)
+        return copy
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
+import secrets
 from typing import Callable
 
 from ..web.dialect import NATIVE, Dialect
@@ -27,7 +27,7 @@ def request_id_of(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_BYTES and SANE_REQUEST_ID.fullmatch(value):
             return value.decode()
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def _oversized(scope: Scope) -> HTTPError | None:

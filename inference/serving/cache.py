@@ -56,6 +56,7 @@ class ResponseCache:
         self.mode = settings.cache_mode
         self.prefix = f"{settings.redis_key_prefix}:cache:{KEY_VERSION}:"
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._counted: dict[str, Any] = {}  # the cache metric's children by label (labels() locks and builds a key)
 
     def key(self, material: dict[str, Any]) -> str:
         return self.prefix + fingerprint(material)
@@ -122,7 +123,10 @@ class ResponseCache:
 
     def _count(self, label: str) -> None:
         if self.metrics is not None:
-            self.metrics.cache.labels(label.lower()).inc()
+            child = self._counted.get(label)
+            if child is None:
+                child = self._counted[label] = self.metrics.cache.labels(label.lower())
+            child.inc()
 
     def _replay(self, value: bytes) -> Response:
         self._count("HIT")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
@@ -48,6 +47,9 @@ class Generator:
         self.metrics = metrics
         self.tracer = tracer
         self.model = model
+        # prometheus-client's labels() takes a lock and builds a key each call: the two children, kept.
+        self._prompt_tokens = metrics.tokens.labels("prompt")
+        self._completion_tokens = metrics.tokens.labels("completion")
 
     async def generate(
         self, request: GenerationRequest, client: str | None = None, scope: Scope | None = None
@@ -65,7 +67,7 @@ class Generator:
         """`n` answers to one request (OpenAI's `n`), as `generate`: one span, one reservation of n x max_tokens,
         usage counting the prompt once and every choice's tokens."""
         info = self.model()
-        request = replace(request, client=client or "", deadline=deadline(self.settings, scope, request.stream))
+        request = request.for_caller(client or "", deadline(self.settings, scope, request.stream))
         # The engine's refusals (no room in the queue, a prompt too long to tokenize) come before any work they
         # would waste: the token budget's round trip, rendering, tokenizing.
         try:
@@ -107,8 +109,8 @@ class Generator:
         prompt, completion = generations[0].prompt_tokens, sum(g.completion_tokens for g in generations)
         if scope is not None:
             state(scope).usage = {"prompt_tokens": prompt, "completion_tokens": completion}
-        self.metrics.tokens.labels("prompt").inc(prompt)
-        self.metrics.tokens.labels("completion").inc(completion)
+        self._prompt_tokens.inc(prompt)
+        self._completion_tokens.inc(completion)
         reused = sum(g.reused_prompt_tokens for g in generations)
         if reused:
             self.metrics.reused.inc(reused)
@@ -177,8 +179,14 @@ class _Group:
             self.on_end(self)
 
 
+def _inner(name: str) -> property:
+    return property(lambda self: getattr(self._inner, name), doc=f"The generation's {name}.")
+
+
 class _Observed:
     """A Generation that is measured and traced: its first and last token, and its end however it ends."""
+
+    __slots__ = ("_inner", "_group", "first_token", "last")
 
     def __init__(self, inner: Generation, group: _Group) -> None:
         self._inner = inner
@@ -187,8 +195,22 @@ class _Observed:
         self.first_token: float | None = None
         self.last = 0.0
 
-    def __getattr__(self, name: str) -> Any:
+    # The Generation protocol's attributes as properties: renderers read them several times a request, and each
+    # read through __getattr__ costs a failed lookup first (0.9 us against 0.1).
+    prompt_tokens = _inner("prompt_tokens")
+    completion_tokens = _inner("completion_tokens")
+    finish_reason = _inner("finish_reason")
+    logprobs = _inner("logprobs")
+    reasoning = _inner("reasoning")
+    tool_calls = _inner("tool_calls")
+    reused_prompt_tokens = _inner("reused_prompt_tokens")
+    stop_sequence = _inner("stop_sequence")
+
+    def __getattr__(self, name: str) -> Any:  # what an engine's own generation adds (a relay's answer_id)
         return getattr(self._inner, name)
+
+    def take_reasoning(self) -> str:
+        return self._inner.take_reasoning()
 
     def __aiter__(self) -> "_Observed":
         return self

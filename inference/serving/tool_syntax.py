@@ -21,8 +21,8 @@ import functools
 import hashlib
 import json
 import re
+import secrets
 import string
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,8 +46,8 @@ class ToolSyntax:
 
     def new_call_id(self) -> str:
         if self.short_ids:
-            return "".join(ID_ALPHABET[b % len(ID_ALPHABET)] for b in uuid.uuid4().bytes[:9])
-        return f"call_{uuid.uuid4().hex[:24]}"
+            return "".join(ID_ALPHABET[b % len(ID_ALPHABET)] for b in secrets.token_bytes(9))
+        return f"call_{secrets.token_hex(12)}"
 
     def history_id(self, call_id: str) -> str:
         """A call id from the conversation as the template accepts it (the same id always maps the same way, so

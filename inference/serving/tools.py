@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +118,7 @@ class ToolPlan:
 
 
 def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    return f"call_{secrets.token_hex(12)}"
 
 
 def plan_tools(tools: Any, tool_choice: Any, *, enforce: bool, parallel: bool = True,

@@ -72,27 +72,26 @@ class Request:
         declared = self.headers.get(HEADER_CONTENT_LENGTH)
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise _too_large(max_bytes)
+        # One timer for the whole body (asyncio.timeout: no task per receive, as wait_for would make).
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         chunks: list[bytes] = []
         size = 0
-        while True:
-            if deadline is None:
-                message = await self.receive()
-            else:
-                try:
-                    message = await asyncio.wait_for(self.receive(), deadline - asyncio.get_running_loop().time())
-                except asyncio.TimeoutError:
-                    raise HTTPError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
-                                    headers={"Connection": "close"}) from None
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(max_bytes)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _too_large(max_bytes)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise HTTPError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s",
+                            headers={"Connection": "close"}) from None
 
     async def json(self, max_bytes: int, timeout: float | None = None) -> Any:
         """The body parsed as JSON; HTTPError(400) when it is not JSON or is nested absurdly deep."""
@@ -117,12 +116,14 @@ def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise HTTPError(400, "invalid_json", "request body is empty; expected a JSON object")
     try:
-        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_unique)
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise HTTPError(400, "invalid_json", "JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    if _depth(value) > MAX_JSON_DEPTH:
+    # A body with no more brackets than the depth allowed cannot nest deeper (brackets inside strings only count
+    # against it): the walk is for the rest.
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise HTTPError(400, "invalid_json", f"JSON is nested more than {MAX_JSON_DEPTH} levels deep")
     if SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
         raise HTTPError(400, "invalid_json", "request body is not valid JSON: a string holds an unpaired UTF-16 "
@@ -144,6 +145,10 @@ def _finite(text: str) -> float:
     if math.isinf(value):
         raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
     return value
+
+
+# One decoder for every request (json.loads builds a new one per call when given hooks).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_unique)
 
 
 def _has_lone_surrogate(value: Any) -> bool:

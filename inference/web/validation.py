@@ -63,8 +63,19 @@ def _merged(base: Spec, extra: tuple[tuple[str, Any], ...]) -> Spec:
 
 
 @cache
-def _names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f, _, _ in _fields(cls))
+def _layout(cls: type) -> tuple[dict[str, int], frozenset[int]]:
+    """Each field's place among the class's fields, and the places of the required ones: a request's fields are
+    checked in the class's order, at a cost that grows with the fields it sends, not with the fields there are."""
+    known = _fields(cls)
+    required = frozenset(i for i, (f, _, _) in enumerate(known)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return {f.name: i for i, (f, _, _) in enumerate(known)}, required
+
+
+@cache
+def _defaults(cls: type) -> dict[str, Any]:
+    """The fields that have a plain default, with it (a field sent with its default value is a field unsent)."""
+    return {f.name: f.default for f, _, _ in _fields(cls) if f.default is not dataclasses.MISSING}
 
 
 @cache
@@ -73,7 +84,8 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
 
 
 def plain(value: Any) -> Any:
-    """A validated dataclass as plain JSON data (dataclasses.asdict without its deep copies)."""
+    """A validated dataclass as plain JSON data (dataclasses.asdict without its deep copies), fields left at None
+    (unset, or sent as null: the same request) omitted."""
     kind = type(value)
     if kind in PLAIN_TYPES:
         return value
@@ -82,10 +94,26 @@ def plain(value: Any) -> Any:
     names = _field_names(kind)
     if names is None:
         return value
-    return {name: plain(getattr(value, name)) for name in names}
+    return {name: plain(field) for name in names if (field := getattr(value, name)) is not None}
 
 
 PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def as_sent(raw: Any, body: Any) -> dict[str, Any]:
+    """A request as a cache key sees it: the fields it sent, known ones as validated (`plain`; one sent with its
+    default, null included, is one unsent), the ones the class does not know (an upstream gets them) as they came.
+    Costs what the request sends, not what the class could hold."""
+    if not isinstance(raw, dict):
+        return plain(body)
+    places, defaults = _layout(type(body))[0], _defaults(type(body))
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in places:
+            out[key] = value
+        elif (field := getattr(body, key)) is not None and (key not in defaults or field != defaults[key]):
+            out[key] = plain(field)
+    return out
 
 
 class _Errors(list):
@@ -109,17 +137,17 @@ def _dataclass(cls: type, data: Any, path: str, errors: _Errors, overrides: Over
         errors.add(path, f"must be a JSON object, not {_json_type(data)}")
         return None
     known = _fields(cls)
+    places, required = _layout(cls)
     if not allow_unknown:
-        names = _names(cls)
         for key in data:
-            if key not in names:
+            if key not in places:
                 errors.add(_join(path, key), "unknown field")
     kwargs: dict[str, Any] = {}
-    for f, hint, base in known:
+    for place in sorted(required.union(places[key] for key in data if key in places)):
+        f, hint, base = known[place]
         where = _join(path, f.name)
         if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                errors.add(where, "is required")
+            errors.add(where, "is required")
             continue
         checked = _spec_for(f.name, base, overrides) if not path else base
         before = len(errors)

@@ -1,6 +1,7 @@
-"""The HTTP protocol's bounds against slow clients (inference/protocol.py), on a real uvicorn serving the real app:
-a request head must arrive within HEAD_TIMEOUT_SECONDS; at MAX_CONNECTIONS a newcomer displaces the oldest
-connection that holds no request, or is refused with a JSON 503 when every connection is mid-request."""
+"""The HTTP protocol's bounds against slow clients (inference/web/protocol.py), on a real uvicorn serving the real
+app, over both of uvicorn's protocols (httptools, the default, and h11): a request head must arrive within
+HEAD_TIMEOUT_SECONDS and fit the head limit; at MAX_CONNECTIONS a newcomer displaces the oldest connection that
+holds no request, or is refused with a JSON 503 when every connection is mid-request."""
 
 import json
 import socket
@@ -18,14 +19,19 @@ MAX_CONNECTIONS = 4
 HEAD_TIMEOUT = 0.5
 
 
-@pytest.fixture(scope="module")
-def guarded(engine):
+HEAD_LIMIT = 8 * 1024
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(engine, request):
     import uvicorn
 
     app = build_app(base_settings(rate_limit_enabled=False, body_timeout_seconds=5), engine=engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=guarded_protocol(MAX_CONNECTIONS, HEAD_TIMEOUT)))
+                                           http=guarded_protocol(MAX_CONNECTIONS, HEAD_TIMEOUT, HEAD_LIMIT,
+                                                                 request.param),
+                                           h11_max_incomplete_event_size=HEAD_LIMIT))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -82,6 +88,36 @@ def test_only_the_head_is_timed_not_the_body_nor_keep_alive(guarded):
                 response += chunk
             assert response.startswith(b"HTTP/1.1 200"), response[:200]
             time.sleep(HEAD_TIMEOUT * 2)  # idle between requests: the keep-alive timeout's business (5 s)
+
+
+def test_a_head_larger_than_the_limit_is_refused_and_closed(guarded, request):
+    """Each protocol holds at most HEAD_LIMIT bytes of a request head (h11 answers a plain 400 of its own)."""
+    impl = request.node.callspec.params["guarded"]
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(3 * HEAD_LIMIT // 1024):
+                sock.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on us mid-head: what we wanted
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    if impl == "httptools":
+        assert data.startswith(b"HTTP/1.1 431 ") and b'"code": "headers_too_large"' in data, data[:300]
+    else:
+        assert data.startswith(b"HTTP/1.1 400 "), data[:300]
+
+
+def test_the_default_is_httptools_where_it_is_installed():
+    from inference.web.protocol import implementation
+
+    assert implementation() == "httptools"
+    assert guarded_protocol(4, 1.0).__name__ == "GuardedHttpToolsProtocol"
+    assert guarded_protocol(4, 1.0, choice="h11").__name__ == "GuardedH11Protocol"
 
 
 def test_trickling_clients_cannot_lock_a_normal_one_out(guarded):

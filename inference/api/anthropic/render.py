@@ -5,20 +5,20 @@ back here as OpenAI's render does (the same plan), then written as tool_use bloc
 from __future__ import annotations
 
 import json
-import uuid
+import secrets
 from typing import Any, AsyncIterator
 
 from ...engine.base import EngineError, Generation
 from ...serving.generation import http_error_of
 from ...web.errors import HTTPError
 from ...web.http import StreamOutcome, sse
-from . import dialect
 from ..openai.render import read
 from ..openai.translate import Translated
+from . import dialect
 
 
 def new_id() -> str:
-    return f"msg_{uuid.uuid4().hex[:24]}"
+    return f"msg_{secrets.token_hex(12)}"
 
 
 def stop_reason(generation: Generation, calls: list[dict[str, Any]]) -> tuple[str, str | None]:

@@ -20,7 +20,7 @@ from ...web.errors import HTTPError
 from ...web.http import ClientDisconnected, Request, Response, StreamingResponse, StreamOutcome, json_response
 from ...web.router import Route
 from ...web.state import state
-from ...web.validation import plain
+from ...web.validation import as_sent
 from .. import passthrough
 from ..openai.translate import Translated, note_user
 from . import render
@@ -56,7 +56,7 @@ def routes(service: Service) -> list[Route]:
         # The cache key is the request as sent (known fields normalized, the default temperature spelled out) and the
         # system prompt the service adds: a hit costs no translation.
         material = {"endpoint": state(request.scope).route, "model": service.model_id, "revision": info.revision,
-                    "body": {**(raw if isinstance(raw, dict) else {}), **plain(body),
+                    "body": {**as_sent(raw, body),
                              "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature}}
         if settings.embedded and settings.chat_system_prompt and not body.system:
             material["system_prompt"] = settings.system_prompt

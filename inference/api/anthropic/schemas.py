@@ -58,7 +58,7 @@ TOOL_CHOICE_SCHEMA = {"nullable": True, "type": "object", "required": ["type"], 
         {"required": ["name"], "properties": {"type": {"enum": ["tool"]}}}]}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AnthropicMessage:
     # A user's blocks are text and tool results, an assistant's text and tool uses.
     json_schema_extra: ClassVar[dict[str, Any]] = {"anyOf": [
@@ -73,7 +73,7 @@ class AnthropicMessage:
                     "document blocks are refused by name."))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class CountTokensRequest:
     """What /v1/messages/count_tokens counts: a request's prompt, tools included."""
 
@@ -124,7 +124,7 @@ class CountTokensRequest:
     workspace_id: str | None = field(default=None, metadata=spec(description="Only null."))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class MessagesRequest(CountTokensRequest):
     json_schema_extra: ClassVar[dict[str, Any]] = {**CountTokensRequest.json_schema_extra, "properties": {
         **CountTokensRequest.json_schema_extra["properties"],

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from ...web.validation import spec
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferRequest:
     """A single prompt, answered by the model as one user message under the service's system prompt."""
 

@@ -5,8 +5,8 @@ checked against its schema."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 from ...engine.base import EngineError, Generation, TokenLogprob
@@ -25,7 +25,7 @@ class Meta:
     __slots__ = ("id", "model", "created", "fingerprint")
 
     def __init__(self, prefix: str, model: str, revision: str) -> None:
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = f"{prefix}-{secrets.token_hex(16)}"
         self.model = model
         self.created = int(time.time())
         self.fingerprint = f"fp_{revision}"

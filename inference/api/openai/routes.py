@@ -18,7 +18,7 @@ from ...web.http import ClientDisconnected, Request, Response, StreamingResponse
 from ...web.identity import client_id
 from ...web.router import Route
 from ...web.state import state
-from ...web.validation import plain
+from ...web.validation import as_sent
 from . import render
 from .dialect import OPENAI
 from .schemas import (
@@ -94,7 +94,7 @@ def routes(service: Service) -> list[Route]:
         compile (p99 ~0.1 s on real-world schemas, once per schema: cached), so it is translated off the event
         loop, where other requests never wait on it."""
         info = service.model()
-        normalized = {**(raw if isinstance(raw, dict) else {}), **plain(body), **effective(body)}
+        normalized = {**as_sent(raw, body), **effective(body)}
         material = {"endpoint": state(request.scope).route, "model": service.model_id, "revision": info.revision,
                     "body": normalized}
         if system is not None:

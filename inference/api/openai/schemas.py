@@ -12,13 +12,16 @@ from typing import Any, ClassVar, Literal
 from ...web.validation import spec
 
 
-@dataclass(frozen=True)
+# Request bodies are plain slotted dataclasses, not frozen ones: each is built once per request by validation and
+# never shared, and a frozen one sets every field through object.__setattr__ (a chat request's 46 fields took
+# 9.6 us to build frozen, 1.3 us like this).
+@dataclass(slots=True)
 class ContentPart:
     type: Literal["text"]
     text: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChatCompletionMessage:
     role: Literal["system", "developer", "user", "assistant", "tool"] = field(
         metadata=spec(description="`developer` is treated as `system`; `tool` carries a tool call's result.")
@@ -51,7 +54,7 @@ class ChatCompletionMessage:
     }}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamOptions:
     include_usage: bool = False
     continuous_usage_stats: bool = field(default=False, metadata=spec(
@@ -92,7 +95,7 @@ TOOL_SCHEMA: dict[str, Any] = {
             "strict": {"type": "boolean", "nullable": True}}}}}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class SamplingFields:
     """The sampling fields both endpoints share."""
 
@@ -144,7 +147,7 @@ class SamplingFields:
         return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class ChatCompletionRequest(SamplingFields):
     # top_logprobs only with logprobs: true (the handler answers 400 otherwise).
     json_schema_extra: ClassVar[dict[str, Any]] = {
@@ -223,7 +226,7 @@ class ChatCompletionRequest(SamplingFields):
     web_search_options: Any = field(default=None, metadata=spec(description="Only null."))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = field(metadata=spec(min_items=1, max_items=1, description="One prompt."))
     logprobs: int | None = field(default=None, metadata=spec(

@@ -5,7 +5,7 @@ the fields an upstream gets as they came)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from opentelemetry import trace
@@ -126,7 +126,8 @@ def sampling(body: SamplingFields, max_tokens: int | None, grammar: Mapping[str,
         if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
             raise HTTPError(422, "validation_error", f"min_tokens: must be at most max_tokens ({max_tokens})",
                             field="min_tokens")
-    params = SamplingParams(
+    return SamplingParams(
+        forwarded=json.dumps(forwarded) if forwarded else None,
         min_tokens=body.min_tokens or 0,
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
@@ -138,7 +139,6 @@ def sampling(body: SamplingFields, max_tokens: int | None, grammar: Mapping[str,
         **grammar,
         **effective(body),
     )
-    return replace(params, forwarded=json.dumps(forwarded)) if forwarded else params
 
 
 def effective(body: SamplingFields) -> dict[str, float]:

@@ -24,7 +24,7 @@ from ...web.http import ClientDisconnected, Request, Response, StreamingResponse
 from ...web.identity import client_id
 from ...web.router import Route
 from ...web.state import state
-from ...web.validation import plain
+from ...web.validation import as_sent
 from .. import passthrough
 from ..openai.dialect import OPENAI
 from ..openai.translate import DEFAULT_TEMPERATURE, note_user
@@ -66,9 +66,8 @@ def routes(service: Service) -> list[Route]:
         # system prompt the service may add, and whose it is: a stored id it names, or one it answers with, is
         # that owner's alone.
         material = {"endpoint": state(request.scope).route, "model": service.model_id, "revision": info.revision,
-                    "owner": whose, "body": {**(raw if isinstance(raw, dict) else {}), **plain(body),
-                                             "temperature": DEFAULT_TEMPERATURE if body.temperature is None
-                                             else body.temperature}}
+                    "owner": whose, "body": {**as_sent(raw, body), "temperature": DEFAULT_TEMPERATURE
+                                             if body.temperature is None else body.temperature}}
         if settings.embedded and settings.chat_system_prompt and not body.instructions:
             material["system_prompt"] = settings.system_prompt
         return await service.respond(request, material, body.temperature == 0,

@@ -91,7 +91,7 @@ TEXT_CONFIG = {"nullable": True, "type": "object", "additionalProperties": False
     "verbosity": {"nullable": True, "enum": ["medium", None]}}}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class ResponsesRequest:
     json_schema_extra: ClassVar[dict[str, Any]] = {
         "properties": {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
+import secrets
 from typing import Any, Mapping
 
 from ...config import Settings
@@ -31,7 +31,7 @@ Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{secrets.token_hex(16)}"
 
 
 def parse(raw: Any, overrides: Overrides) -> ResponsesRequest:

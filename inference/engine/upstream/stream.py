@@ -4,6 +4,7 @@ text pieces, tool calls and reasoning as they arrive, usage and the end; a broke
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from typing import Any, AsyncIterator
@@ -11,7 +12,9 @@ from typing import Any, AsyncIterator
 from ..base import EngineNotReady, FinishReason, RequestTimeout, TokenLogprob, UpstreamError
 
 
+@functools.cache
 def aiohttp_module() -> Any:
+    """aiohttp, imported on first use (the embedded engine's install may lack it); then one lookup."""
     try:
         import aiohttp
     except ImportError:  # pragma: no cover - depends on the install
