@@ -4,6 +4,7 @@ instance of this service (a real OpenAI-compatible server running the embedded m
 import json
 import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -161,6 +162,25 @@ def test_slow_upstream_generation_is_a_504(live, model_id):
         assert response.status_code == 504, response.text
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_request_deadline_bounds_the_upstream_exchange(gateway, model_id, stream):
+    """X-Request-Timeout through the gateway: waiting for the upstream's status line (a whole answer), or reading
+    its stream once it has begun, ends at the deadline with the service's own timeout, not the upstream's."""
+    body = {"model": model_id, "messages": ask("Write a long essay about forests."), "max_tokens": 600,
+            "temperature": 0.8, "stream": stream, "ignore_eos": True}
+    started = time.monotonic()
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"X-Request-Timeout": "1.5"}) as response:
+        text = response.read().decode()
+    elapsed = time.monotonic() - started
+    if stream:  # begun: the stream ends with an error event, not [DONE]
+        assert response.status_code == 200 and "[DONE]" not in text
+        assert '"code": "timeout"' in text or '"code":"timeout"' in text, text[-300:]
+    else:
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout", text
+    assert 1.4 < elapsed < 10
 
 
 def test_gateway_needs_an_upstream_url():

@@ -9,7 +9,27 @@ import json
 import time
 from typing import Any, AsyncIterator
 
+import orjson
+
 from ..base import EngineNotReady, FinishReason, RequestTimeout, TokenLogprob, UpstreamError
+
+
+def dumps(value: Any) -> bytes:
+    """A request body for the upstream: orjson's, the json module's for an integer past 64 bits (a seed, a bound in
+    a client's schema)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value).encode()
+
+
+def loads(raw: bytes | str) -> Any:
+    """An upstream's JSON: orjson's parser, the json module's for what only it reads (NaN and Infinity, which
+    Python servers write for non-finite floats)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 @functools.cache
@@ -42,6 +62,10 @@ class UpstreamGeneration:
         self._started = time.monotonic()
         self._cancelled = False
         self._aborted = False
+        self._expired = False
+        # The request's deadline bounds the answer as it is read: one timer, which ends the read when it fires.
+        self._timer = (asyncio.get_running_loop().call_later(max(deadline - self._started, 0.0), self._expire)
+                       if deadline is not None else None)
         self._pieces = self._read_stream() if stream else self._read_whole()
 
     def __aiter__(self) -> "UpstreamGeneration":
@@ -52,14 +76,20 @@ class UpstreamGeneration:
         try:
             return await self._pieces.__anext__()
         except StopAsyncIteration:
+            self._stop_timer()
             self._response.release()
             if self._aborted:
                 raise EngineNotReady("the service is shutting down") from None
+            if self._expired:
+                raise RequestTimeout(self._deadline - self._started) from None  # type: ignore[operator]
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+            self._stop_timer()
             self._response.close()
             if self._aborted:
                 raise EngineNotReady("the service is shutting down") from None
+            if self._expired:
+                raise RequestTimeout(self._deadline - self._started) from None  # type: ignore[operator]
             if self._cancelled:
                 self.finish_reason = None
                 raise StopAsyncIteration from None
@@ -83,7 +113,20 @@ class UpstreamGeneration:
             self._aborted = True
             self.cancel()
 
+    def _expire(self) -> None:
+        """The request's deadline has passed: end with RequestTimeout (504, or an error event on a stream)."""
+        self._timer = None
+        if self.finish_reason is None:
+            self._expired = True
+            self.cancel()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def aclose(self) -> None:
+        self._stop_timer()
         if not self._response.closed and self.finish_reason is None:
             self.cancel()
         await self._pieces.aclose()
@@ -105,7 +148,7 @@ class UpstreamGeneration:
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
     async def _read_whole(self) -> AsyncIterator[str]:
-        data = json.loads(await self._response.read())
+        data = loads(await self._response.read())
         choice = data["choices"][0]
         text = choice["message"]["content"] if "message" in choice else choice["text"]
         self.logprobs += _logprobs(choice.get("logprobs"))
@@ -126,7 +169,7 @@ class UpstreamGeneration:
             payload = raw[5:].strip()
             if payload == b"[DONE]":
                 break
-            data = json.loads(payload)
+            data = loads(payload)
             if "error" in data:
                 message = (data["error"] or {}).get("message", "unknown error")
                 raise UpstreamError(502, "upstream_error", f"the upstream failed mid-stream: {message}")
