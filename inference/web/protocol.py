@@ -225,12 +225,13 @@ def guarded_protocol(max_connections: int, head_timeout: float, head_limit: int 
             super().connection_made(transport)
 
         def data_received(self, data: bytes) -> None:
-            if self._in_head or self._head_timer is not None:
-                self._head_bytes += len(data)
-                if self._head_bytes > head_limit and self._pending is None:
-                    self._close_with(too_large)
-                    return
             super().data_received(data)
+            # Bytes that leave a head unfinished are held (as parsed headers): past the limit, the head is refused.
+            # A chunk that finishes a head (its body may follow in it) never counts.
+            if self._in_head and self._pending is None and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > head_limit:
+                    self._close_with(too_large)
 
         def on_message_begin(self) -> None:
             self._in_head = True
