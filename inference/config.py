@@ -251,6 +251,8 @@ class Settings:
     head_timeout_seconds: float = 10.0
     max_connections: int = 1024
     max_tokens_limit: int = 1024
+    structured_dry_multiplier: float = 0.0
+    structured_closing_tokens: int = 64
     max_queued_requests: int = 64
     max_concurrent_requests: int = 8
     max_choices: int = 4
@@ -379,6 +381,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "head_timeout_seconds": _float(0.1, 3600),
     "max_connections": _int(1, 1_000_000),
     "max_tokens_limit": _int(1),
+    "structured_dry_multiplier": _float(0, 10),
+    "structured_closing_tokens": _int(0, 1 << 20),
     "max_queued_requests": _int(1),
     "max_concurrent_requests": _int(1, 256),
     "max_choices": _int(1, 128),

@@ -29,4 +29,6 @@ def create_engine(settings: Settings) -> Engine:
         extra_buffers=settings.llama_extra_buffers, crash_test=settings.test_only_crash_with_extra_buffers,
         crash_loop_deaths=settings.engine_crash_loop_deaths, crash_loop_seconds=settings.engine_crash_loop_seconds,
         log_format=settings.log_format, chat_template_file=settings.chat_template_file,
+        structured_dry_multiplier=settings.structured_dry_multiplier,
+        structured_closing_tokens=settings.structured_closing_tokens,
     )

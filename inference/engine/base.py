@@ -61,6 +61,12 @@ class SamplingParams:
     # `ignore_eos`. Not with a grammar, whose end is the document's.
     min_tokens: int = 0
     ignore_eos: bool = False
+    # Under a grammar only (structured output, tool calls), set by the embedded engine from its settings:
+    # llama.cpp's DRY sampler against repeated sequences (0 = off), and closing: with this many tokens left (beyond
+    # what the open strings, objects and arrays need to close), each step takes the grammar's end, else a token that
+    # closes something, when the grammar allows one (0 = off).
+    dry_multiplier: float = 0.0
+    closing_reserve: int = 0
 
 
 @dataclass(frozen=True)

@@ -458,6 +458,34 @@ def test_sdk_parse_with_a_pydantic_model(openai_client, model_id):
     assert isinstance(parsed, City) and parsed.name and abs(parsed.population) < 10 ** 16  # digits are bounded
 
 
+def test_sdk_parse_finishes_within_a_small_budget(openai_client, model_id):
+    """Asked for far more than max_tokens holds, a structured answer still closes within it (the grammar's end,
+    STRUCTURED_CLOSING_TOKENS), so parse() gets a finished, valid object instead of raising LengthFinishReasonError."""
+    from pydantic import BaseModel
+
+    class Fruits(BaseModel):
+        fruits: list[str]
+
+    completion = openai_client.beta.chat.completions.parse(
+        model=model_id, messages=ask("List one hundred fruits."), response_format=Fruits, temperature=0, max_tokens=64)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Fruits)
+    assert completion.usage.completion_tokens <= 64
+
+
+def test_a_named_tool_call_s_arguments_close_within_max_tokens(openai_client, model_id):
+    """A function asked for a long text argument, with max_tokens too small for it: the call still completes."""
+    story = {"type": "function", "function": {"name": "save_story", "description": "Save a story.", "parameters": {
+        "type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
+        "required": ["title", "text"], "additionalProperties": False}}}
+    reply = openai_client.chat.completions.create(
+        model=model_id, messages=ask("Write a very long story about a lighthouse and save it."), tools=[story],
+        tool_choice={"type": "function", "function": {"name": "save_story"}}, temperature=0, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and reply.usage.completion_tokens <= 60
+    assert set(json.loads(choice.message.tool_calls[0].function.arguments)) == {"title", "text"}
+
+
 def test_an_answer_cut_by_max_tokens_says_length(openai_client, model_id):
     reply = openai_client.chat.completions.create(
         model=model_id, messages=ask("Facts about Paris."), temperature=0, max_tokens=3,

@@ -76,9 +76,15 @@ class LlamaEngine(Prompts):
         restart_retry_after: int = 5,
         log_format: str = "text",
         chat_template_file: Path | None = None,
+        structured_dry_multiplier: float = 0.0,
+        structured_closing_tokens: int = 64,
     ) -> None:
         super().__init__(n_ctx, chat_template_file)
         self.model_path = Path(model_path)
+        # STRUCTURED_DRY_MULTIPLIER, STRUCTURED_CLOSING_TOKENS: how a grammar's answers are kept from looping and
+        # brought to an end within max_tokens (SamplingParams.dry_multiplier, closing_reserve).
+        self.structured = {"dry_multiplier": structured_dry_multiplier,
+                           "closing_reserve": structured_closing_tokens}
         self.n_threads = n_threads
         self.max_queued = max_queued
         self.max_concurrent = max_concurrent
@@ -254,6 +260,8 @@ class LlamaEngine(Prompts):
         if self._closed or self._supervisor is None:
             raise EngineNotReady("the service is shutting down")
         params = request.params if max_tokens == request.params.max_tokens else replace(request.params, max_tokens=max_tokens)
+        if params.grammar is not None:
+            params = replace(params, **self.structured)
         base = params.seed if params.seed is not None else random.getrandbits(32)
         loop = asyncio.get_running_loop()
         now = time.monotonic()

@@ -292,7 +292,7 @@ class Scheduler:
         C.llama_memory_seq_rm(self.memory, slot, reuse, -1)
         sequence.slot = slot
         sequence.evaluated = sequence.n_past = sequence.reused = reuse
-        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab, self.grammars)
+        sequence.sampler = Sampler(sequence.params, sequence.seed, self.n_vocab, self.grammars, self.grammars.vocab)
         self.prompt_tokens_reused += reuse
 
     # --- evaluation --------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ class Scheduler:
         params = sequence.params
         banned = self.end_tokens if params.ignore_eos or sequence.produced < params.min_tokens else None
         try:
-            token = sequence.sampler.sample(self.ctx, row, banned)
+            token = sequence.sampler.sample(self.ctx, row, banned, sequence.closing)
         except Exception as exc:  # this sequence's sampler failed (e.g. its grammar allows nothing): it alone ends
             log.exception("sampling failed")
             self._retire(sequence, None, error=exc)
@@ -378,7 +378,10 @@ class Scheduler:
         self.tokens_generated += 1
         if sequence.params.logprobs is not None:
             sequence.emit(self._logprobs(row, token, sequence.params.logprobs))
-        if sequence.add_text(self.piece(token, token in sequence.params.preserve)):
+        piece = self.piece(token, token in sequence.params.preserve)
+        if sequence.json is not None:
+            sequence.json.feed(piece)
+        if sequence.add_text(piece):
             self._retire(sequence, "stop", stopped=True)
         elif sequence.produced >= sequence.params.max_tokens:
             self._retire(sequence, "length")

@@ -31,6 +31,49 @@ class Finished:
     stop_sequence: str | None = None  # the stop sequence that ended it, if one did
 
 
+class JsonDepth:
+    """What of a JSON text is open: the objects and arrays not closed yet, innermost last, and whether a string is
+    (from its bytes as they are generated; text around the document counts as outside it). For a grammar's
+    closing (scheduler.py, sampling.py)."""
+
+    __slots__ = ("open", "in_string", "escaped")
+
+    def __init__(self) -> None:
+        self.open = bytearray()  # b"{" and b"[" not closed yet
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, piece: bytes) -> None:
+        for byte in piece:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif byte == 0x5C:  # backslash
+                    self.escaped = True
+                elif byte == 0x22:  # quote
+                    self.in_string = False
+            elif byte == 0x22:
+                self.in_string = True
+            elif byte in (0x7B, 0x5B):  # { [
+                self.open.append(byte)
+            elif byte in (0x7D, 0x5D) and self.open:  # } ]
+                self.open.pop()
+
+    @property
+    def to_close(self) -> int:
+        """Tokens that closing takes at least: one per open string, object and array, and the end."""
+        return len(self.open) + self.in_string + 1
+
+    @property
+    def closer(self) -> str:
+        """What closes the innermost open thing: '"', '}' or ']'; "" when nothing is open."""
+        if self.in_string:
+            return '"'
+        if self.open:
+            return "}" if self.open[-1] == 0x7B else "]"
+        return ""
+
+
 @dataclass(eq=False)
 class Sequence:
     tokens: list[int]
@@ -61,9 +104,28 @@ class Sequence:
     deadline: float | None = None
     id: int = 0  # the HTTP side's name for it
     counting: bool = False  # the HTTP side wants the tokens produced so far with each piece of text (worker.py)
+    json: JsonDepth | None = None  # with a grammar that closes (params.closing_reserve): what is open so far
     _decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     _held: str = ""  # decoded text not yet sent because it may be the start of a stop sequence
     _stopped_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.grammar is not None and self.params.closing_reserve:
+            self.json = JsonDepth()
+
+    @property
+    def closing(self) -> str | None:
+        """None, or the answer should close now (its grammar closes, and the tokens left are only the reserve and
+        what closing takes): what closes its innermost open thing ("" when nothing is open). The reserve is at most
+        a quarter of max_tokens, so a small budget is not all reserve."""
+        json = self.json
+        if json is None:
+            return None
+        params = self.params
+        reserve = min(params.closing_reserve, params.max_tokens // 4)
+        if params.max_tokens - self.produced > reserve + json.to_close:
+            return None
+        return json.closer
 
     @property
     def reserved(self) -> int:
