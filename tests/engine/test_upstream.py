@@ -155,10 +155,11 @@ def test_slow_upstream_generation_is_a_504(live, model_id):
                           "UPSTREAM_TIMEOUT_SECONDS": "1"})
     try:
         proc.wait_ready(timeout=60)
-        # ~400 tokens take several seconds upstream; the whole answer cannot arrive within the 1 s read timeout.
+        # 400 tokens (ignore_eos: never fewer) take seconds upstream; the whole answer cannot arrive within the
+        # 1 s read timeout.
         response = httpx.post(f"{proc.url}/v1/chat/completions", timeout=60, json={
             "model": model_id, "messages": ask("Write a long essay about forests."), "max_tokens": 400,
-            "temperature": 0.8})
+            "temperature": 0.8, "ignore_eos": True})
         assert response.status_code == 504, response.text
     finally:
         proc.stop()

@@ -78,18 +78,12 @@ class UpstreamGeneration:
         except StopAsyncIteration:
             self._stop_timer()
             self._response.release()
-            if self._aborted:
-                raise EngineNotReady("the service is shutting down") from None
-            if self._expired:
-                raise RequestTimeout(self._deadline - self._started) from None  # type: ignore[operator]
+            self._raise_if_ended_here()
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
             self._stop_timer()
             self._response.close()
-            if self._aborted:
-                raise EngineNotReady("the service is shutting down") from None
-            if self._expired:
-                raise RequestTimeout(self._deadline - self._started) from None  # type: ignore[operator]
+            self._raise_if_ended_here()
             if self._cancelled:
                 self.finish_reason = None
                 raise StopAsyncIteration from None
@@ -98,6 +92,13 @@ class UpstreamGeneration:
                     raise RequestTimeout(self._deadline - self._started) from None
                 raise UpstreamError(504, "upstream_timeout", f"the upstream stalled for {self._timeout:g} s") from None
             raise UpstreamError(502, "upstream_error", f"the upstream's answer broke off: {exc!r}") from None
+
+    def _raise_if_ended_here(self) -> None:
+        """The read ended because this side ended it: the shutdown (abort) or the request's deadline (_expire)."""
+        if self._aborted:
+            raise EngineNotReady("the service is shutting down") from None
+        if self._expired:
+            raise RequestTimeout(self._deadline - self._started) from None  # type: ignore[operator]
 
     def take_reasoning(self) -> str:
         new, self._reasoning_sent = self.reasoning[self._reasoning_sent:], len(self.reasoning)
